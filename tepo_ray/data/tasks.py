@@ -1,0 +1,142 @@
+"""Prompts and tool-use demonstrations.
+
+Task items are dicts ``{"id", "question", "answers": [aliases], "task_type"}``
+(`task_type` "math" -> equivalence scoring, "qa" -> token F1). Sources:
+
+* `arithmetic`: 3-digit x 3-digit products a tiny model cannot do in its head
+  (the Python tool is needed), mixed with one-digit sums answered directly, so the
+  policy also learns when *not* to call a tool (what TEPO-sparse rewards).
+* `multihop`: questions over the generated wiki-18-style corpus
+  (`tepo_ray.data.corpus`), needing one or two searches.
+* `jsonl`: a user file with the same fields; a bad line raises naming file and line.
+
+`demonstration(item)` gives a tool-use demonstration as (text, trainable) pieces
+for SFT; `render_prompt(question)` is the single prompt format used everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+__all__ = [
+    "TaskError",
+    "render_prompt",
+    "arithmetic_items",
+    "load_jsonl_items",
+    "make_items",
+    "demonstration",
+    "Piece",
+]
+
+Piece = tuple[str, bool]  # (text, trainable)
+
+
+class TaskError(ValueError):
+    pass
+
+
+def render_prompt(question: str) -> str:
+    """The one prompt format: a question, then the model writes tagged turns."""
+    return f"Question: {question}\n"
+
+
+def arithmetic_items(*, n: int, seed: int, hard_fraction: float = 0.75, prefix: str = "arith") -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        if rng.random() < hard_fraction:
+            a, b = rng.randint(100, 999), rng.randint(100, 999)
+            q, ans = f"What is {a} * {b}?", str(a * b)
+        else:
+            a, b = rng.randint(1, 4), rng.randint(1, 4)
+            q, ans = f"What is {a} + {b}?", str(a + b)
+        items.append({"id": f"{prefix}-{seed}-{i}", "question": q, "answers": [ans], "task_type": "math"})
+    return items
+
+
+def load_jsonl_items(path: str | Path) -> list[dict[str, Any]]:
+    """Load task items; every bad line raises TaskError naming file:line and the field."""
+    items = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TaskError(f"{where}: invalid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise TaskError(f"{where}: expected a JSON object with question/answers")
+            if not isinstance(obj.get("question"), str) or not obj["question"].strip():
+                raise TaskError(f"{where}: field 'question' must be a non-empty string")
+            answers = obj.get("answers", obj.get("answer"))
+            if isinstance(answers, str):
+                answers = [answers]
+            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+                raise TaskError(f"{where}: field 'answers' must be a string or a non-empty list of strings")
+            task_type = obj.get("task_type", "qa")
+            if task_type not in ("qa", "math", "em"):
+                raise TaskError(f"{where}: field 'task_type'={task_type!r}; expected qa, math or em")
+            items.append(
+                {"id": str(obj.get("id", f"{Path(path).stem}-{lineno}")), "question": obj["question"],
+                 "answers": answers, "task_type": task_type}
+            )
+    return items
+
+
+def make_items(*, task: str, n: int, seed: int, path: str | None = None,
+               multihop_source: Callable[[int, int], list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+    """Items for one split. `multihop_source(n, seed)` supplies corpus questions."""
+    if task == "jsonl":
+        if not path:
+            raise TaskError("data.task=jsonl needs data.train_path / data.eval_path")
+        return load_jsonl_items(path)[:n]
+    if task == "arithmetic":
+        return arithmetic_items(n=n, seed=seed)
+    if task in ("multihop", "mixed"):
+        if multihop_source is None:
+            raise TaskError(f"data.task={task} needs a corpus (multihop_source)")
+        if task == "multihop":
+            return multihop_source(n, seed)
+        n_hop = n // 2
+        items = arithmetic_items(n=n - n_hop, seed=seed) + multihop_source(n_hop, seed)
+        random.Random(seed).shuffle(items)
+        return items
+    raise TaskError(f"unknown data.task={task!r}; expected arithmetic, multihop, mixed or jsonl")
+
+
+def demonstration(item: dict[str, Any], *, run_python: Callable[[str], str] | None = None,
+                  search: Callable[[str], str] | None = None) -> list[Piece]:
+    """A tool-use demonstration for SFT as (text, trainable) pieces.
+
+    Observations come from the real tools (`run_python`, `search`) so SFT sees the
+    same observation distribution as RL; they are not trainable.
+    """
+    pieces: list[Piece] = [(render_prompt(item["question"]), False)]
+    answer = item["answers"][0]
+    q = item["question"]
+    if item["task_type"] == "math" and "*" in q:
+        expr = q.removeprefix("What is ").rstrip("?")
+        code = f"print({expr})"
+        obs = run_python(code) if run_python else answer + "\n"
+        pieces += [(f"<think>too hard to do in my head</think><python>{code}</python>", True),
+                   (f"<result>{obs}</result>", False),
+                   (f"<think>the tool says {obs.strip()}</think><answer>{obs.strip()}</answer>", True)]
+    elif item["task_type"] == "math":
+        pieces += [(f"<think>easy</think><answer>{answer}</answer>", True)]
+    else:
+        hops = item.get("hop_queries") or [q]
+        for query in hops:
+            obs = search(query) if search else ""
+            pieces += [(f"<think>look it up</think><search>{query}</search>", True), (f"<result>{obs}</result>", False)]
+        pieces += [(f"<think>found it</think><answer>{answer}</answer>", True)]
+    return pieces
+
+
+def iter_batches(items: Sequence[Any], *, size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield list(items[i : i + size])

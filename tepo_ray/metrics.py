@@ -1,0 +1,186 @@
+"""Metric keys (one place) and the metrics logger shared by the driver.
+
+Every step writes one JSON line to `<run_dir>/metrics.jsonl` and logs the same
+dict to W&B (offline by default; `wandb sync <run_dir>/wandb/offline-run-*`).
+`plot_run` turns a metrics file into PNG plots (learning curves, ΔH histogram).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+__all__ = ["K", "MetricsLogger", "read_metrics", "plot_run", "summarize"]
+
+
+class K:
+    """Metric keys."""
+
+    STEP = "step"
+    VERSION = "policy_version"
+    REWARD = "reward/mean"
+    REWARD_STD = "reward/std"
+    SCORE = "score/mean"  # F1 / equivalence
+    ACCURACY = "score/accuracy"  # fraction with score == 1
+    CALLS = "tools/calls_per_traj"
+    CALLS_BY_TOOL = "tools/{tool}/calls_per_traj"
+    M_OVER_N = "tepo/m_over_n"
+    DELTA_H_MEAN = "tepo/delta_h_mean"
+    DELTA_H_TOOL = "tepo/{tool}/delta_h_mean"
+    DECREASE_FRAC = "tepo/decrease_fraction"
+    DELTA_H_VALUES = "tepo/delta_h_values"  # list: distribution, kept in jsonl for plots
+    STALENESS_MIN = "async/staleness_min"
+    STALENESS_MEAN = "async/staleness_mean"
+    STALENESS_MAX = "async/staleness_max"
+    DROPPED_STALE = "async/dropped_stale_total"
+    ADMITTED = "async/groups_admitted_total"
+    INFLIGHT = "async/groups_inflight"
+    GEN_TOKENS_PER_S = "perf/gen_tokens_per_s"
+    TRAIN_TOKENS_PER_S = "perf/train_tokens_per_s"
+    TIME_STEP = "time/step_s"
+    TIME_GEN = "time/{actor}/generate_s"
+    TIME_SCORE = "time/{actor}/score_s"
+    TIME_TRAIN = "time/learner/train_s"
+    IDLE = "time/{actor}/idle_frac"
+    FINISH = "rollout/finish_{reason}"
+    RESPONSE_LEN = "rollout/response_tokens"
+    RESTARTS = "faults/actor_restarts_total"
+    RETRIED_GROUPS = "faults/groups_retried_total"
+    WALL = "time/wall_s"
+
+
+class MetricsLogger:
+    """JSONL + W&B logger. Lists in a record stay in the JSONL but are sent to W&B as histograms."""
+
+    def __init__(self, run_dir: str | Path, *, wandb_mode: str = "offline", project: str = "tepo-ray",
+                 group: str | None = None, name: str | None = None, config: Mapping[str, Any] | None = None,
+                 resume: bool = False):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / "metrics.jsonl"
+        self._fh = open(self.path, "a", encoding="utf-8")
+        self._t0 = time.time()
+        self.wandb_run = None
+        self.wandb_dir: Path | None = None
+        if wandb_mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb_run = wandb.init(
+                project=project, group=group, name=name, mode=wandb_mode, dir=str(self.run_dir),
+                config=dict(config or {}), resume="allow" if resume else None,
+                id=_wandb_id(self.run_dir) if resume else None, reinit="finish_previous",
+                settings=wandb.Settings(console="off", x_disable_stats=True) if _has_settings() else None,
+            )
+            self.wandb_dir = Path(self.wandb_run.dir).parent
+            (self.run_dir / "wandb_id").write_text(self.wandb_run.id)
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        rec = {k: _jsonable(v) for k, v in record.items()}
+        rec.setdefault(K.WALL, round(time.time() - self._t0, 3))
+        self._fh.write(json.dumps(rec) + "\n")
+        self._fh.flush()
+        if self.wandb_run is not None:
+            import wandb
+
+            payload = {}
+            for k, v in rec.items():
+                if isinstance(v, list):
+                    if v:
+                        payload[k] = wandb.Histogram(v)
+                elif v is not None:
+                    payload[k] = v
+            self.wandb_run.log(payload, step=int(rec.get(K.STEP, 0)))
+
+    def close(self) -> None:
+        self._fh.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _has_settings() -> bool:
+    try:
+        import wandb
+
+        wandb.Settings(console="off", x_disable_stats=True)
+        return True
+    except Exception:
+        return False
+
+
+def _wandb_id(run_dir: Path) -> str | None:
+    p = run_dir / "wandb_id"
+    return p.read_text().strip() if p.exists() else None
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "item") and callable(v.item):
+        try:
+            v = v.item()
+        except (ValueError, RuntimeError):
+            v = v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                out.append(json.loads(line))
+    return out
+
+
+def summarize(records: Iterable[Mapping[str, Any]], keys: Iterable[str]) -> dict[str, float]:
+    recs = list(records)
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in recs if isinstance(r.get(k), (int, float))]
+        if vals:
+            out[k] = sum(vals) / len(vals)
+    return out
+
+
+def plot_run(run_dirs: Mapping[str, str | Path], out_path: str | Path) -> Path:
+    """Learning curves (reward, score, calls/traj, m/n) and the ΔH distribution, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(K.REWARD, "reward"), (K.SCORE, "score (F1 / acc)"), (K.CALLS, "tool calls / trajectory"),
+              (K.M_OVER_N, "m / n (ΔH<0 share)"), (K.STALENESS_MAX, "max staleness")]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    axes = axes.ravel()
+    for label, run_dir in run_dirs.items():
+        recs = read_metrics(Path(run_dir) / "metrics.jsonl")
+        steps = [r.get(K.STEP, i) for i, r in enumerate(recs)]
+        for ax, (key, title) in zip(axes, panels):
+            ys = [r.get(key) for r in recs]
+            pts = [(s, y) for s, y in zip(steps, ys) if isinstance(y, (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), label=label, marker=".")
+            ax.set_title(title)
+            ax.set_xlabel("step")
+        dh = [x for r in recs for x in (r.get(K.DELTA_H_VALUES) or []) if isinstance(x, (int, float))]
+        if dh:
+            axes[5].hist(dh, bins=40, alpha=0.5, label=label)
+    axes[5].set_title("ΔH per tool call (all steps)")
+    axes[5].axvline(0.0, color="k", lw=0.8)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path, dpi=90)
+    plt.close(fig)
+    return out_path
