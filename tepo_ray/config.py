@@ -182,7 +182,18 @@ class PythonToolConfig:
     max_open_files: int = 64
     max_output_chars: int = 2000  # stdout/stderr kept per call before "[truncated]"
     isolate_network: bool = True
+    # How the network is blocked when isolate_network: auto | namespace | seccomp | audit
+    # (tepo_ray.tools.python_sandbox.NetworkMode; auto = the first of namespace, seccomp, audit that works).
+    network_mode: str = "auto"
     prestarted: int = 2  # warm sandbox processes per worker
+
+    def __post_init__(self) -> None:
+        _check(self.network_mode in ("auto", "namespace", "seccomp", "audit"), "tools.python.network_mode",
+               self.network_mode, "auto|namespace|seccomp|audit (set isolate_network=false to allow network)")
+        for name in ("cpu_time_s", "memory_mb", "max_processes", "max_file_mb", "max_open_files",
+                     "max_output_chars"):
+            _check(getattr(self, name) >= 1, f"tools.python.{name}", getattr(self, name), ">= 1")
+        _check(self.prestarted >= 0, "tools.python.prestarted", self.prestarted, ">= 0")
 
 
 @dataclass
