@@ -1,0 +1,229 @@
+"""Behaviour-version scoring: exact token entropies, old log-probs and ΔH per tool call.
+
+For every trajectory the scorer runs one teacher-forced forward with the
+weights of the policy version that generated it (`trajectory.behaviour_version`,
+the oldest version of any generated token when a trajectory spans versions;
+that choice is recorded in `meta["entropy_version"]` / `meta["spans_versions"]`)
+and writes, per token t (DESIGN.md section 1):
+
+* `entropies[t] = H_t = -Σ_v π(v|h_t) log π(v|h_t)` over the full vocabulary,
+  exact and chunked (`tepo_ray.algo.token_logprobs_and_entropy`);
+* `behaviour_logprobs[t] = log π_old(token_t | tokens_<t)`, the denominator of
+  the importance ratio;
+
+both 0.0 where loss_mask == 0. Then per tool call k, with segment r_{i,k} the
+one that ends with call k (`segments[call.segment_index]`) and r_{i,k+1} the one
+after its observation (`segments[call.segment_index + 1]`)::
+
+    ΔH_k = mean H(r_{i,k+1}) - mean H(r_{i,k})       (first algo.entropy_window tokens of each)
+    I_{i,k} = 1[ΔH_k < 0]
+
+ΔH_k is undefined (None, I = False) when r_{i,k+1} does not exist or either
+segment is empty.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from tepo_ray import algo
+from tepo_ray.records import RecordError, Trajectory
+from tepo_ray.trainer.batching import (
+    check_first_token_untrained,
+    make_token_batch,
+    micro_batch_slices,
+    token_logprobs,
+)
+from tepo_ray.trainer.checkpoint import load_policy, load_weights_into, weight_file_path
+
+__all__ = ["EntropyScorer", "fill_delta_entropy"]
+
+
+def fill_delta_entropy(traj: Trajectory, *, window: int | None) -> list[float | None]:
+    """Write ΔH_k / I_{i,k} into every tool call of `traj` from its `entropies`; return segment means.
+
+    Segment means are NaN -> None in the returned list (JSON-safe).
+    """
+    if traj.entropies is None:
+        raise RecordError(f"trajectory {traj.uid}: entropies is None; score the trajectory first")
+    if not traj.segments:
+        for call in traj.tool_calls:
+            call.delta_entropy, call.entropy_decreased = None, False
+        return []
+    ent = torch.tensor(traj.entropies, dtype=torch.float32)  # [T]
+    spans = torch.tensor([[s.start, s.end] for s in traj.segments], dtype=torch.long)  # [K, 2]
+    means = algo.segment_entropy(ent, spans, window=window)  # [K]
+    deltas = algo.delta_entropy(means)  # [K-1]: deltas[j] = means[j+1] - means[j]
+    decreased = algo.entropy_decreased(deltas)  # [K-1] bool, NaN -> False
+    for call in traj.tool_calls:
+        j = call.segment_index
+        if j + 1 < len(traj.segments) and not math.isnan(float(deltas[j])):
+            call.delta_entropy = float(deltas[j])
+            call.entropy_decreased = bool(decreased[j])
+        else:
+            call.delta_entropy, call.entropy_decreased = None, False
+    return [None if math.isnan(m) else float(m) for m in means.tolist()]
+
+
+class EntropyScorer:
+    """Scores trajectories with the weights of the version that generated them.
+
+    Weight versions are files `<weights_dir>/v{N}.safetensors` (what the learner
+    publishes) or paths registered with `register_weights` / `load_weights(path,
+    version)`; the last `cache_size` registrations are remembered, and a version
+    missing from them is looked up as `v{N}.safetensors` in `weights_dir` and next
+    to every registered `v{M}.safetensors`, so a restarted scorer needs no state
+    beyond its constructor arguments and one path. `initial_version` is the
+    version of `model_path`.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        algo_cfg: Any,
+        device: str = "cpu",
+        weights_dir: str | Path | None = None,
+        initial_version: int = 0,
+        cache_size: int = 8,
+        micro_batch_size: int = 8,
+        temperature: float = 1.0,
+        dtype: str = "float32",
+    ) -> None:
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        self.model_path = str(model_path)
+        self.window: int | None = algo_cfg.entropy_window
+        self.chunk_size: int = int(algo_cfg.entropy_chunk_size)
+        self.device = device
+        self.weights_dir = Path(weights_dir) if weights_dir is not None else None
+        self.cache_size = cache_size
+        self.micro_batch_size = micro_batch_size
+        self.temperature = float(temperature)
+        self.model = load_policy(self.model_path, device=device, dtype=dtype).eval()
+        self.model.requires_grad_(False)
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.pad_id = int(getattr(self.model.config, "pad_token_id", None) or 0)
+        self._paths: OrderedDict[int, str] = OrderedDict({int(initial_version): self.model_path})
+        self.version = int(initial_version)
+        self._loaded_path = self.model_path
+        self.loads = 0  # weight switches performed (a metric: scoring order minimises them)
+        self.last_score_time_s = 0.0
+
+    # ------------------------------------------------------------------ weights
+    def ready(self) -> dict[str, Any]:
+        return {"version": self.version, "known_versions": self.known_versions()}
+
+    def known_versions(self) -> list[int]:
+        return sorted(self._paths)
+
+    def register_weights(self, path: str | Path, version: int) -> None:
+        """Remember where version `version` lives without loading it."""
+        self._paths[int(version)] = str(path)
+        self._paths.move_to_end(int(version))
+        while len(self._paths) > self.cache_size:
+            self._paths.popitem(last=False)
+
+    def load_weights(self, path: str | Path, version: int) -> int:
+        """Register `path` as version `version` and switch the model to it now; returns the version."""
+        if not Path(path).exists():
+            raise FileNotFoundError(f"weight file {path} for version {version} does not exist")
+        self.register_weights(path, version)
+        self._activate(int(version), force=True)
+        return self.version
+
+    def _weight_dirs(self) -> list[Path]:
+        """`weights_dir`, then the directories of registered `v{N}.safetensors` files (newest first)."""
+        dirs = [self.weights_dir] if self.weights_dir is not None else []
+        for v, p in reversed(self._paths.items()):
+            path = Path(p)
+            if path.name == weight_file_path(path.parent, v).name and path.parent not in dirs:
+                dirs.append(path.parent)
+        return dirs
+
+    def _resolve(self, version: int) -> str:
+        if version in self._paths and Path(self._paths[version]).exists():
+            return self._paths[version]
+        dirs = self._weight_dirs()
+        for d in dirs:
+            candidate = weight_file_path(d, version)
+            if candidate.is_file():
+                self.register_weights(candidate, version)
+                return str(candidate)
+        raise FileNotFoundError(
+            f"no weights for behaviour version {version}: registered versions {self.known_versions()}, "
+            f"no v{version}.safetensors in {[str(d) for d in dirs]}; call load_weights(path, version) before "
+            f"scoring its trajectories (or raise the learner's keep_weight_versions above async.max_staleness)"
+        )
+
+    def _activate(self, version: int, *, force: bool = False) -> None:
+        path = self._resolve(version)
+        if version == self.version and path == self._loaded_path and not force:
+            return
+        load_weights_into(self.model, path)
+        self.version, self._loaded_path = version, path
+        self.loads += 1
+
+    # ------------------------------------------------------------------ scoring
+    def _check(self, traj: Trajectory) -> None:
+        if not isinstance(traj, Trajectory):
+            raise TypeError(f"expected tepo_ray.records.Trajectory, got {type(traj).__name__}")
+        traj.validate()
+        check_first_token_untrained(traj.loss_mask, what=f"trajectory {traj.uid}")
+        if traj.token_ids and (min(traj.token_ids) < 0 or max(traj.token_ids) >= self.vocab_size):
+            raise RecordError(
+                f"trajectory {traj.uid}: token_ids range [{min(traj.token_ids)}, {max(traj.token_ids)}] "
+                f"outside the model vocabulary [0, {self.vocab_size})"
+            )
+
+    @torch.no_grad()
+    def score(self, trajectories: Sequence[Trajectory]) -> list[Trajectory]:
+        """Fill entropies, behaviour_logprobs and ΔH/I of every tool call; returns the same objects."""
+        trajs = list(trajectories)
+        for t in trajs:
+            self._check(t)
+        by_version: dict[int, list[int]] = {}
+        for i, t in enumerate(trajs):
+            by_version.setdefault(t.behaviour_version, []).append(i)
+        # The loaded version first, then ascending: one weight switch per distinct version.
+        order = sorted(by_version, key=lambda v: (v != self.version, v))
+        t0 = time.perf_counter()
+        for version in order:
+            idxs = by_version[version]
+            if version < 0:  # nothing generated: nothing to score
+                for i in idxs:
+                    trajs[i].entropies = [0.0] * len(trajs[i].token_ids)
+                    trajs[i].behaviour_logprobs = [0.0] * len(trajs[i].token_ids)
+                continue
+            self._activate(version)
+            # Length-sorted micro-batches waste less compute on padding.
+            idxs = sorted(idxs, key=lambda i: len(trajs[i].token_ids))
+            for sl in micro_batch_slices(len(idxs), self.micro_batch_size):
+                mb = [trajs[i] for i in idxs[sl]]
+                batch = make_token_batch([t.token_ids for t in mb], [t.loss_mask for t in mb], pad_id=self.pad_id)
+                lp, ent = token_logprobs(
+                    self.model, batch, chunk_size=self.chunk_size, temperature=self.temperature, with_entropy=True
+                )  # [b, T], [b, T]
+                assert ent is not None
+                lp, ent = lp.cpu(), ent.cpu()
+                for row, t in enumerate(mb):
+                    n = len(t.token_ids)
+                    t.behaviour_logprobs = lp[row, :n].tolist()
+                    t.entropies = ent[row, :n].tolist()
+        self.last_score_time_s = time.perf_counter() - t0
+        for t in trajs:
+            gen_versions = sorted({v for v, m in zip(t.versions, t.loss_mask) if m})
+            t.meta["entropy_version"] = t.behaviour_version
+            if len(gen_versions) > 1:
+                t.meta["spans_versions"] = gen_versions
+            t.meta["segment_entropy"] = fill_delta_entropy(t, window=self.window)
+            t.validate()
+        return trajs

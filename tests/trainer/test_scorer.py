@@ -1,0 +1,136 @@
+"""EntropyScorer: entropies, behaviour log-probs and ΔH against a direct forward pass computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tepo_ray.config import AlgoConfig
+from tepo_ray.models.tiny import save_weights_safetensors
+from tepo_ray.records import RecordError
+from tepo_ray.trainer.checkpoint import load_policy, weight_file_path
+from tepo_ray.trainer.scorer import EntropyScorer
+
+from trainer_factories import make_trajectory
+
+
+def _direct(model_path_or_model, token_ids: list[int]) -> tuple[list[float], list[float]]:
+    """Per-token (H_t, log p(token_t)) from one plain forward of the whole sequence, float64."""
+    model = load_policy(model_path_or_model) if isinstance(model_path_or_model, str) else model_path_or_model
+    with torch.no_grad():
+        logits = model(torch.tensor([token_ids])).logits[0].double()  # [T, V]
+    logp = logits.log_softmax(-1)
+    ent = [0.0] + (-(logp.exp() * logp).sum(-1))[:-1].tolist()  # position t from logits t-1
+    lp = [0.0] + [logp[t - 1, token_ids[t]].item() for t in range(1, len(token_ids))]
+    return ent, lp
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_delta_entropy_matches_hand_computation(tiny_model: str, window: int | None) -> None:
+    traj = make_trajectory(uid="t", prompt_len=5, gen_lens=(6, 8, 5), obs_lens=(4, 3), seed=3)
+    other = make_trajectory(uid="u", prompt_len=9, gen_lens=(3,), obs_lens=(), seed=4)  # forces padding
+    cfg = AlgoConfig(entropy_window=window, entropy_chunk_size=4)
+    scorer = EntropyScorer(tiny_model, algo_cfg=cfg, micro_batch_size=2)
+    scorer.score([traj, other])
+
+    ent, lp = _direct(tiny_model, traj.token_ids)
+    for t, m in enumerate(traj.loss_mask):
+        if m:
+            assert traj.entropies[t] == pytest.approx(ent[t], abs=1e-5)
+            assert traj.behaviour_logprobs[t] == pytest.approx(lp[t], abs=1e-5)
+        else:
+            assert traj.entropies[t] == 0.0 and traj.behaviour_logprobs[t] == 0.0
+
+    w = window or 10**9
+    seg_means = [_mean(ent[s.start : min(s.end, s.start + w)]) for s in traj.segments]
+    for k, call in enumerate(traj.tool_calls):
+        expected = seg_means[k + 1] - seg_means[k]
+        assert call.delta_entropy == pytest.approx(expected, abs=1e-5)
+        assert call.entropy_decreased == (expected < 0)
+    assert traj.meta["entropy_version"] == 0
+    assert traj.meta["segment_entropy"] == pytest.approx(seg_means, abs=1e-5)
+
+
+def test_trajectory_cut_after_call_has_undefined_delta(tiny_model: str) -> None:
+    traj = make_trajectory(uid="cut", gen_lens=(5, 6), obs_lens=(3, 4), seed=5)  # no segment after call 1
+    EntropyScorer(tiny_model, algo_cfg=AlgoConfig()).score([traj])
+    assert traj.tool_calls[0].delta_entropy is not None
+    assert traj.tool_calls[1].delta_entropy is None
+    assert traj.tool_calls[1].entropy_decreased is False
+
+
+def test_scores_each_trajectory_with_its_behaviour_version(tiny_model: str, tmp_path) -> None:
+    weights = tmp_path / "weights"
+    models = {}
+    for v in (1, 2):
+        m = load_policy(tiny_model)
+        torch.manual_seed(v)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        save_weights_safetensors(m, weight_file_path(weights, v))
+        models[v] = m
+    t1 = make_trajectory(uid="a", version=1, seed=1)
+    t2 = make_trajectory(uid="b", version=2, seed=2)
+    n_gen = sum(make_trajectory(uid="x", seed=9).loss_mask)
+    t12 = make_trajectory(uid="c", gen_versions=[1] * 3 + [2] * (n_gen - 3), seed=9)  # spans v1 and v2
+
+    scorer = EntropyScorer(tiny_model, algo_cfg=AlgoConfig(), weights_dir=weights)
+    scorer.score([t2, t1, t12])
+    assert scorer.loads == 2  # one switch per distinct version
+    for traj, v in ((t1, 1), (t2, 2), (t12, 1)):
+        ent, lp = _direct(models[v], traj.token_ids)
+        gen = [t for t, m in enumerate(traj.loss_mask) if m]
+        assert [traj.entropies[t] for t in gen] == pytest.approx([ent[t] for t in gen], abs=1e-5)
+        assert [traj.behaviour_logprobs[t] for t in gen] == pytest.approx([lp[t] for t in gen], abs=1e-5)
+        assert traj.meta["entropy_version"] == v
+    assert t12.meta["spans_versions"] == [1, 2]
+    # version 0 is the model directory itself
+    t0 = make_trajectory(uid="z", version=0, seed=1)
+    scorer.score([t0])
+    lp0 = _direct(tiny_model, t0.token_ids)[1]
+    assert t0.behaviour_logprobs == pytest.approx([x * m for x, m in zip(lp0, t0.loss_mask)], abs=1e-5)
+
+
+def test_load_weights_registers_and_switches(tiny_model: str, tmp_path) -> None:
+    m = load_policy(tiny_model)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(3.0)
+    path = save_weights_safetensors(m, tmp_path / "custom.safetensors")
+    scorer = EntropyScorer(tiny_model, algo_cfg=AlgoConfig(), cache_size=2)
+    assert scorer.load_weights(path, 7) == 7
+    traj = make_trajectory(uid="a", version=7, seed=1)
+    scorer.score([traj])
+    gen = [t for t, mm in enumerate(traj.loss_mask) if mm]
+    assert [traj.entropies[t] for t in gen] == pytest.approx([_direct(m, traj.token_ids)[0][t] for t in gen], abs=1e-5)
+    with pytest.raises(FileNotFoundError, match="behaviour version 5"):
+        scorer.score([make_trajectory(uid="b", version=5)])
+
+
+def test_rejects_bad_records(tiny_model: str) -> None:
+    scorer = EntropyScorer(tiny_model, algo_cfg=AlgoConfig())
+    bad = make_trajectory(uid="bad")
+    bad.loss_mask = bad.loss_mask[:-1]
+    with pytest.raises(RecordError, match="loss_mask"):
+        scorer.score([bad])
+    big = make_trajectory(uid="big")
+    big.token_ids[-1] = 10_000
+    with pytest.raises(RecordError, match="vocabulary"):
+        scorer.score([big])
+    first = make_trajectory(uid="first", prompt_len=0)
+    with pytest.raises(ValueError, match="first token"):
+        scorer.score([first])
+
+
+def test_entropies_are_finite_and_bounded(tiny_model: str) -> None:
+    traj = make_trajectory(uid="b", gen_lens=(20, 20), obs_lens=(5,), seed=11)
+    EntropyScorer(tiny_model, algo_cfg=AlgoConfig(entropy_chunk_size=1)).score([traj])
+    gen = [e for e, m in zip(traj.entropies, traj.loss_mask) if m]
+    assert all(0.0 < e <= math.log(128) + 1e-5 for e in gen)
+    assert all(lp < 0 for lp, m in zip(traj.behaviour_logprobs, traj.loss_mask) if m)
