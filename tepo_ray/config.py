@@ -243,7 +243,7 @@ class AlgoConfig:
     alpha: float = 0.5  # dense entropy bonus (paper sweeps 0.1, 0.5, 1.0)
     group_size: int = 4  # samples per prompt (G)
     entropy_window: Optional[int] = None  # first W tokens of each segment; null = whole segment
-    entropy_chunk_size: int = 1024  # tokens per chunk for exact full-vocab entropy
+    entropy_chunk_size: int = 256  # tokens per chunk for exact full-vocab entropy
     adv_eps: float = 1e-6
     adv_std_normalize: bool = True
     clip_low: float = 0.2

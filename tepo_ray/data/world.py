@@ -1,0 +1,188 @@
+"""Everything a run needs before actors start: corpus, search index, task splits, model, SFT warm start.
+
+All of it is cached under `model.cache_dir`, keyed by the config that made it,
+so a second `make demo` reuses it. Nothing is downloaded: the corpus is
+generated (or read from `data.corpus_path`), the tokenizer is trained on the
+task text, the model is built from config (or read from `model.path`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tepo_ray.data.tasks import Piece, demonstration, make_items, render_prompt
+
+__all__ = ["PreparedData", "prepare_data", "tokenize_pieces", "build_demonstrations"]
+
+DEMO_CORPUS_DOCS = 2000
+
+
+@dataclass
+class PreparedData:
+    model_path: str
+    train_items: list[dict[str, Any]]
+    eval_items: list[dict[str, Any]]
+    index_dir: str | None
+    corpus_path: str | None
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _needs_search(cfg: Any) -> bool:
+    return cfg.data.task in ("multihop", "mixed") or (cfg.tools.search.workers > 0 and cfg.data.corpus_path)
+
+
+def _corpus(cfg: Any, cache: Path) -> tuple[Path, Any]:
+    """Corpus path and (for the generated corpus) its World, for question generation."""
+    from tepo_ray.data.corpus import generate_world, write_corpus
+
+    if cfg.data.corpus_path:
+        return Path(cfg.data.corpus_path), None
+    world = generate_world(num_docs=DEMO_CORPUS_DOCS, seed=cfg.data.seed)
+    path = cache / f"corpus-{DEMO_CORPUS_DOCS}-{cfg.data.seed}.jsonl"
+    if not path.exists():
+        write_corpus(path, world.docs)
+    return path, world
+
+
+def _index(cfg: Any, corpus_path: Path, cache: Path, *, progress: bool) -> Path:
+    from tepo_ray.data.corpus import corpus_fingerprint
+    from tepo_ray.tools.retrieval import build_index
+
+    scfg = cfg.tools.search
+    if scfg.index_dir:
+        out = Path(scfg.index_dir)
+    else:
+        out = cache / f"index-{scfg.backend}-{corpus_fingerprint(corpus_path)[:12]}"
+    if not (out / "manifest.json").exists() or not json.loads((out / "manifest.json").read_text()).get("complete"):
+        build_index(corpus_path, out, backend=scfg.backend, progress=progress, embedding_model=scfg.embedding_model)
+    return out
+
+
+def _split_items(cfg: Any, world: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    d = cfg.data
+
+    def multihop(n: int, seed: int) -> list[dict[str, Any]]:
+        from tepo_ray.data.corpus import generate_multihop_questions, generate_single_hop_questions
+
+        if world is None:
+            raise ValueError("data.task needs generated multihop questions but data.corpus_path is a user corpus; "
+                             "use data.task=jsonl with data.train_path for your own questions")
+        n1 = n // 2
+        return generate_single_hop_questions(world, n=n1, seed=seed) + generate_multihop_questions(
+            world, n=n - n1, seed=seed)
+
+    train = make_items(task=d.task, n=d.num_train, seed=d.seed, path=d.train_path, multihop_source=multihop)
+    eval_ = make_items(task=d.task, n=d.num_eval, seed=d.seed + 10_000, path=d.eval_path or d.train_path,
+                       multihop_source=multihop) if d.num_eval else []
+    seen = {it["question"] for it in train}
+    eval_ = [it for it in eval_ if it["question"] not in seen or d.task == "jsonl"]
+    return train, eval_
+
+
+def _doc_titles(corpus_path: Path | None) -> dict[str, str]:
+    if corpus_path is None:
+        return {}
+    from tepo_ray.data.corpus import iter_corpus, parse_contents
+
+    return {doc["id"]: parse_contents(doc["contents"])[0] for doc in iter_corpus(corpus_path, strict=False)}
+
+
+def build_demonstrations(items: list[dict[str, Any]], *, cfg: Any, index_dir: Path | None,
+                         titles: dict[str, str]) -> list[list[Piece]]:
+    """Tool-use demonstrations whose observations come from the real tools."""
+    from tepo_ray.tools.python_sandbox import PythonSandbox, format_observation
+
+    search: Callable[[str], str] | None = None
+    if index_dir is not None:
+        from tepo_ray.tools.retrieval import format_hits, open_retriever
+
+        retriever = open_retriever(index_dir)
+        scfg = cfg.tools.search
+
+        def search(query: str) -> str:
+            hits = retriever.search([query], top_k=scfg.top_k)[0]
+            return format_hits(hits, max_chars=scfg.max_doc_chars)[: cfg.tools.max_observation_chars]
+
+    demos = []
+    with PythonSandbox.from_config(cfg.tools.python) as sandbox:
+        def run_python(code: str) -> str:
+            res = sandbox.run(code)
+            return format_observation(res, max_chars=cfg.tools.python.max_output_chars)[: cfg.tools.max_observation_chars]
+
+        for it in items:
+            if it.get("hops") and titles:
+                it = {**it, "hop_queries": [titles[h] for h in it["hops"] if h in titles]}
+            demos.append(demonstration(it, run_python=run_python, search=search))
+    return demos
+
+
+def tokenize_pieces(tokenizer: Any, pieces: list[Piece]) -> dict[str, list[int]]:
+    """Token ids and loss mask, tokenising each piece on its own exactly as the agent loop does."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for text, trainable in pieces:
+        enc = tokenizer.encode(text, add_special_tokens=False)
+        ids += enc
+        mask += [int(trainable)] * len(enc)
+    return {"token_ids": ids, "loss_mask": mask}
+
+
+def prepare_data(cfg: Any, *, progress: bool = True) -> PreparedData:
+    from tepo_ray.models.tiny import ensure_model
+
+    cache = Path(cfg.model.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    corpus_path = world = index_dir = None
+    if _needs_search(cfg):
+        corpus_path, world = _corpus(cfg, cache)
+        index_dir = _index(cfg, corpus_path, cache, progress=progress)
+    train, eval_ = _split_items(cfg, world)
+    titles = _doc_titles(corpus_path) if world is not None else {}
+
+    # Tokenizer corpus: prompts + demonstration text + documents (only used to build the tiny model).
+    rng = random.Random(cfg.data.seed)
+    sample = rng.sample(train, min(len(train), 512))
+    texts = [render_prompt(it["question"]) + " ".join(it["answers"]) for it in sample]
+    texts += ["<think>too hard to do in my head</think><python>print(123 * 456)</python>",
+              "<result>56088\n</result><think>the tool says 56088</think><answer>56088</answer>",
+              "<think>look it up</think><search>x</search><think>found it</think>", "error: Traceback timeout"]
+    if corpus_path is not None:
+        from tepo_ray.data.corpus import iter_corpus
+
+        texts += [d["contents"] for _, d in zip(range(3000), iter_corpus(corpus_path, strict=False))]
+    model_path = ensure_model(cfg.model, corpus_texts=texts)
+
+    if cfg.model.path is None and cfg.trainer.sft_steps > 0:
+        model_path = _sft_warm_start(cfg, model_path=model_path, train=train, index_dir=index_dir, titles=titles,
+                                     cache=cache, progress=progress)
+    return PreparedData(model_path=str(model_path), train_items=train, eval_items=eval_,
+                        index_dir=str(index_dir) if index_dir else None,
+                        corpus_path=str(corpus_path) if corpus_path else None)
+
+
+def _sft_warm_start(cfg: Any, *, model_path: str, train: list[dict[str, Any]], index_dir: Path | None,
+                    titles: dict[str, str], cache: Path, progress: bool) -> str:
+    """SFT on demonstrations of the train split (cached): the warm start every RL arm shares."""
+    from transformers import AutoTokenizer
+
+    from tepo_ray.trainer.sft import sft_train
+
+    t = cfg.trainer
+    out = cache / f"sft-{_key(str(model_path), t.sft_steps, t.sft_lr, t.sft_batch_size, t.seed, cfg.data.task, len(train))}"
+    if (out / "config.json").exists():
+        return str(out)
+    items = train[: max(256, min(len(train), t.sft_steps * t.sft_batch_size // 4))]
+    demos = build_demonstrations(items, cfg=cfg, index_dir=index_dir, titles=titles)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    examples = [tokenize_pieces(tok, d) for d in demos]
+    sft_train(model_path, examples=examples, steps=t.sft_steps, lr=t.sft_lr, batch_size=t.sft_batch_size,
+              out_dir=str(out), seed=t.seed, progress=progress)
+    return str(out)

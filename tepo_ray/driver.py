@@ -1,0 +1,509 @@
+"""TEPO training driver: the schedule, top to bottom.
+
+What runs (DESIGN.md sections 1–2):
+
+1. **Placement.** One placement group from `cfg.topology` (generators, scorers,
+   learner, python and search tool pools, in that bundle order); every actor is
+   pinned to its bundle.
+2. **Rollout.** Prompts are admitted as groups of `algo.group_size` samples.
+   Admission is AReaL-style: with learner version v, at most
+   `(v + max_staleness + 1) * rollout_batch_groups` groups may have been admitted,
+   and at most `async.max_inflight_groups` are generating at once. Generators
+   never wait for the learner; they load new weights between turns.
+3. **Scoring.** Finished groups go to an EntropyScorer, which runs a
+   teacher-forced forward with the *behaviour* version's weights: exact
+   full-vocabulary token entropy, behaviour log-probs and ΔH_k per call.
+4. **Learning.** When `rollout_batch_groups` scored groups are buffered and the
+   learner is idle, the oldest are trained on. A group whose staleness
+   (learner version − behaviour version) exceeds `max_staleness` is dropped,
+   counted and logged — never trained on. Rewards (grpo | sparse | dense) and
+   advantages are computed in the learner by `tepo_ray.algo`.
+5. **Publication.** The learner writes versioned weights; the driver broadcasts
+   the path to generators (in-place load) and keeps it for scorers.
+
+`max_staleness = 0` is exact synchronous GRPO: only one batch is ever admitted
+per version, so every sample is on-policy. Departures from the paper: the
+importance ratio uses behaviour log-probs from the scorer (recomputed with the
+behaviour version's weights), not the engine's sampler log-probs; a trajectory
+that spans a weight update is scored with its oldest version (recorded in
+`Trajectory.versions`).
+
+Fault handling: actors are created with `max_restarts=-1`. A generator or
+scorer that dies has its in-flight group re-queued (counted in
+`faults/groups_retried_total`) and is re-sent the current weights once back.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from tepo_ray.config import save_resolved, validate_resources
+from tepo_ray.metrics import K, MetricsLogger, plot_run
+from tepo_ray.records import Trajectory
+from tepo_ray.topology import TopologyPlan, plan_topology
+
+__all__ = ["Driver", "train", "prepare_run"]
+
+
+# --------------------------------------------------------------------------- helpers
+def _now_tag() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:4]
+
+
+def resolve_run_dir(cfg: DictConfig, resume: str | None) -> Path:
+    if resume:
+        return Path(resume)
+    if cfg.logging.run_dir:
+        return Path(cfg.logging.run_dir)
+    return Path("runs") / f"{cfg.logging.name}-{_now_tag()}"
+
+
+@dataclass
+class RunAssets:
+    """What the actors need that the driver prepares once: model, tokenizer corpus, data, index."""
+
+    model_path: str
+    train_items: list[dict[str, Any]]
+    eval_items: list[dict[str, Any]]
+    index_dir: str | None
+
+
+def prepare_run(cfg: DictConfig, *, progress: bool = True) -> RunAssets:
+    """Build (or reuse from the cache) the data, the search index and the model."""
+    from tepo_ray.data.world import prepare_data
+
+    data = prepare_data(cfg, progress=progress)
+    return RunAssets(model_path=data.model_path, train_items=data.train_items, eval_items=data.eval_items,
+                     index_dir=data.index_dir)
+
+
+def _worker_resources(bundles: list[Any], max_workers: int) -> Any:
+    """Per-worker CPUs so that `max_workers` workers fit the pool's bundles (scale() never needs a new PG)."""
+    from types import SimpleNamespace
+
+    total_cpus = sum(b.num_cpus for b in bundles)
+    return SimpleNamespace(num_cpus=total_cpus / max(max_workers, 1), num_gpus=0.0)
+
+
+def _tools_cfg(cfg: DictConfig, kind: str, index_dir: str | None) -> Any:
+    """The tools sub-config with the prepared index dir filled in."""
+    tools = OmegaConf.to_object(cfg.tools)
+    if kind == "search" and index_dir:
+        tools.search.index_dir = index_dir
+    return tools
+
+
+# --------------------------------------------------------------------------- driver
+@dataclass
+class _Group:
+    group_id: str
+    item: dict[str, Any]
+    item_index: int
+    admitted_at: int  # learner version at admission
+    trajectories: list[Trajectory] = field(default_factory=list)
+    attempts: int = 0
+
+    @property
+    def behaviour_version(self) -> int:
+        return min(t.behaviour_version for t in self.trajectories)
+
+
+class Driver:
+    """Owns the actors and the schedule. `run()` trains `trainer.steps` steps."""
+
+    def __init__(self, cfg: DictConfig, *, run_dir: str | Path, assets: RunAssets, resume: bool = False,
+                 address: str | None = None, generator_cls: type | None = None,
+                 generator_kwargs: dict[str, Any] | None = None, scorer_cls: type | None = None,
+                 scorer_kwargs: dict[str, Any] | None = None):
+        """`generator_cls` / `scorer_cls` replace the actor classes (e.g. actors.faults variants)."""
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.assets = assets
+        self.resume = resume
+        self.address = address
+        self.plan: TopologyPlan = plan_topology(cfg)
+        self.step = 0
+        self.version = 0
+        self.cursor = 0  # next train item index to admit
+        self.requeue: collections.deque[int] = collections.deque()  # item indices to admit first (retries, resume)
+        self.counters = collections.Counter()
+        self.weight_paths: dict[int, str] = {0: assets.model_path}
+        self.generator_cls = generator_cls
+        self.generator_kwargs = dict(generator_kwargs or {})
+        self.scorer_cls = scorer_cls
+        self.scorer_kwargs = dict(scorer_kwargs or {})
+
+    # ---------------------------------------------------------------- set-up
+    def start(self) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from actors.entropy_scorer import EntropyScorerActor
+        from actors.generation import GenerationWorker
+        from actors.learner import LearnerActor
+        from actors.tool_pool_service import ToolPoolService
+
+        if not ray.is_initialized():
+            address = self.address or os.environ.get("RAY_ADDRESS") or None
+            extra = {} if address else {"_system_config": {"worker_niceness": 0}}  # sandboxes inherit nice 15 otherwise
+            ray.init(address=address, include_dashboard=False, log_to_driver=True, **extra)
+        validate_resources(self.cfg, ray.cluster_resources())
+        self.pg = placement_group(self.plan.bundle_specs(), strategy=self.plan.strategy)
+        ready, _ = ray.wait([self.pg.ready()], timeout=self.cfg.topology.placement_timeout_s)
+        if not ready:
+            raise RuntimeError(
+                f"placement group {self.plan.bundle_specs()} not placed within "
+                f"{self.cfg.topology.placement_timeout_s}s; check `tepo-ray topology` against `ray status`"
+            )
+
+        def strategy(bundle):
+            return PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=bundle.index)
+
+        def opts(bundle, **extra):
+            return dict(num_cpus=bundle.num_cpus, num_gpus=bundle.num_gpus, scheduling_strategy=strategy(bundle),
+                        max_restarts=-1, **extra)
+
+        cfg = self.cfg
+        (lb,) = self.plan.for_role("learner")
+        self.learner = LearnerActor.options(**opts(lb)).remote(
+            self.assets.model_path, algo_cfg=cfg.algo, trainer_cfg=cfg.trainer, run_dir=str(self.run_dir),
+            seed=cfg.trainer.seed, resume=self.resume)
+        scorer_cls = ray.remote(self.scorer_cls) if self.scorer_cls else EntropyScorerActor
+        self.scorers = [
+            scorer_cls.options(**opts(b)).remote(
+                self.assets.model_path, algo_cfg=cfg.algo, weights_dir=str(self.run_dir / "weights"),
+                name=f"scorer-{b.replica}", **self.scorer_kwargs)
+            for b in self.plan.for_role("scorers")
+        ]
+        self.pools: dict[str, Any] = {}
+        pool_cls = ray.remote(ToolPoolService)
+        for kind, role in (("python", "python_tools"), ("search", "search_tools")):
+            bundles = self.plan.for_role(role)
+            if not bundles or cfg.tools[kind].workers == 0 or (kind == "search" and not self.assets.index_dir):
+                continue
+            self.pools[kind] = pool_cls.options(
+                num_cpus=0, max_concurrency=10_000, max_restarts=-1,
+                scheduling_strategy=strategy(bundles[0])).remote(
+                kind, tools_cfg=_tools_cfg(cfg, kind, self.assets.index_dir),
+                resources=_worker_resources(bundles, cfg.tools[kind].max_workers),
+                placement_group=self.pg, bundle_indices=[b.index for b in bundles])
+        gen_cls = ray.remote(self.generator_cls or GenerationWorker)
+        self.generators = [
+            gen_cls.options(**opts(b, max_concurrency=10_000)).remote(
+                engine_cfg=cfg.engine, model_path=self.assets.model_path, pools=self.pools,
+                max_observation_chars=cfg.tools.max_observation_chars, name=f"generator-{b.replica}",
+                **self.generator_kwargs)
+            for b in self.plan.for_role("generators")
+        ]
+        ray.get([a.ready.remote() for a in [self.learner, *self.scorers, *self.pools.values(), *self.generators]])
+        if self.resume:
+            self._restore()
+        path, version = ray.get(self.learner.latest_weights.remote())
+        self.weight_paths[version] = path
+        self.version = version
+        if version > 0:
+            ray.get([g.set_weights.remote(path, version) for g in self.generators])
+
+    def _restore(self) -> None:
+        import ray
+
+        extra = ray.get(self.learner.restored.remote())
+        if extra is None:
+            raise FileNotFoundError(f"--resume {self.run_dir}: no complete checkpoint under {self.run_dir}")
+        self.step = int(extra["step"])
+        self.cursor = int(extra["cursor"])
+        self.requeue = collections.deque(extra.get("requeue", []))
+        self.counters.update(extra.get("counters", {}))
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> dict[str, Any]:
+        import ray
+
+        cfg = self.cfg
+        s = cfg.async_.max_staleness
+        B = cfg.async_.rollout_batch_groups
+        G = cfg.algo.group_size
+        logger = MetricsLogger(self.run_dir, wandb_mode=cfg.logging.wandb_mode, project=cfg.logging.wandb_project,
+                               group=cfg.logging.wandb_group, name=self.run_dir.name,
+                               config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), resume=self.resume)
+        gen_inflight: dict[Any, tuple[_Group, int]] = {}  # ref -> (group, generator index)
+        score_inflight: dict[Any, tuple[_Group, int]] = {}
+        buffer: list[_Group] = []
+        train_ref = None
+        train_batch: list[_Group] = []
+        rr_gen = rr_score = 0
+        t_start = time.perf_counter()
+        t_last = t_start
+        display = _Progress(enabled=cfg.logging.progress, total=cfg.trainer.steps, start=self.step)
+        items = self.assets.train_items
+
+        def next_item_index() -> int | None:
+            if self.requeue:
+                return self.requeue.popleft()
+            idx = self.cursor
+            self.cursor += 1
+            return idx
+
+        while self.step < cfg.trainer.steps:
+            # ---- admission (staleness bound + in-flight cap)
+            live = len(gen_inflight) + len(score_inflight) + len(buffer) + len(train_batch)
+            # AReaL-style: groups trained so far + groups alive may not exceed (v + s + 1) batches, so
+            # everything alive can be trained within s versions. Dropped groups free their slot.
+            cap = min((self.version + s + 1) * B, cfg.trainer.steps * B)
+            while len(gen_inflight) < cfg.async_.max_inflight_groups and self.step * B + live < cap:
+                idx = next_item_index()
+                if idx is None:
+                    break
+                item = items[idx % len(items)]
+                group = _Group(group_id=f"s{self.step}-i{idx}-{uuid.uuid4().hex[:6]}", item=item, item_index=idx,
+                               admitted_at=self.version)
+                gi = rr_gen % len(self.generators)
+                rr_gen += 1
+                ref = self.generators[gi].generate_group.remote(item, group_id=group.group_id, group_size=G)
+                gen_inflight[ref] = (group, gi)
+                self.counters[K.ADMITTED] += 1
+                live += 1
+
+            # ---- wait for anything to finish
+            waitables = list(gen_inflight) + list(score_inflight) + ([train_ref] if train_ref is not None else [])
+            done, _ = ray.wait(waitables, num_returns=1, timeout=1.0)
+            for ref in done:
+                if ref in gen_inflight:
+                    group, gi = gen_inflight.pop(ref)
+                    try:
+                        group.trajectories = [Trajectory.from_dict(d).validate() for d in ray.get(ref)]
+                    except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError,
+                            ray.exceptions.ActorUnavailableError) as exc:
+                        self._retry(group, f"generator-{gi} died ({type(exc).__name__})")
+                        self._resend_weights(self.generators[gi])
+                        continue
+                    si = rr_score % len(self.scorers)
+                    rr_score += 1
+                    bv = group.behaviour_version
+                    known = bv in self.weight_paths
+                    sref = self.scorers[si].score.remote(  # unknown versions are found in run_dir/weights
+                        [t.to_dict() for t in group.trajectories],
+                        weights_path=self.weight_paths[bv] if known else None, version=bv if known else None)
+                    score_inflight[sref] = (group, si)
+                elif ref in score_inflight:
+                    group, si = score_inflight.pop(ref)
+                    try:
+                        group.trajectories = [Trajectory.from_dict(d).validate() for d in ray.get(ref)]
+                    except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError,
+                            ray.exceptions.ActorUnavailableError) as exc:
+                        self._retry(group, f"scorer-{si} died ({type(exc).__name__})")
+                        continue
+                    buffer.append(group)
+                elif ref is train_ref:
+                    metrics, path, version = ray.get(train_ref)
+                    train_ref = None
+                    self.version = version
+                    self.weight_paths[version] = path
+                    for old in [v for v in self.weight_paths if v < version - s - 1 and v != 0]:
+                        self.weight_paths.pop(old)
+                    for g in self.generators:
+                        g.set_weights.remote(path, version)
+                    self.step += 1
+                    now = time.perf_counter()
+                    record = self._step_metrics(metrics, train_batch, step_time=now - t_last,
+                                                inflight=len(gen_inflight))
+                    t_last = now
+                    train_batch = []
+                    logger.log(record)
+                    display.update(self.step, record)
+                    if cfg.trainer.checkpoint_interval and (
+                        self.step % cfg.trainer.checkpoint_interval == 0 or self.step == cfg.trainer.steps
+                    ):
+                        pending = [g.item_index for g in buffer] + [g.item_index for g, _ in gen_inflight.values()] \
+                            + [g.item_index for g, _ in score_inflight.values()]
+                        ray.get(self.learner.save_checkpoint.remote(self._checkpoint_extra(pending)))
+
+            # ---- train when the learner is idle and a batch is ready
+            if train_ref is None and len(buffer) >= B:
+                buffer.sort(key=lambda g: g.admitted_at)
+                batch: list[_Group] = []
+                while buffer and len(batch) < B:
+                    g = buffer.pop(0)
+                    staleness = self.version - g.behaviour_version
+                    if staleness > s:
+                        self.counters[K.DROPPED_STALE] += 1
+                        continue
+                    batch.append(g)
+                if len(batch) < B:
+                    buffer = batch + buffer
+                    continue
+                train_batch = batch
+                train_ref = self.learner.train_step_and_publish.remote(
+                    [t.to_dict() for g in batch for t in g.trajectories])
+
+        display.close()
+        wall = time.perf_counter() - t_start
+        logger.close()
+        summary = {"run_dir": str(self.run_dir), "metrics": str(logger.path), "steps": self.step,
+                   "wall_s": round(wall, 2), "wandb_dir": str(logger.wandb_dir) if logger.wandb_dir else None}
+        try:
+            summary["plot"] = str(plot_run({self.run_dir.name: self.run_dir}, self.run_dir / "curves.png"))
+        except Exception as exc:  # plotting never fails a finished run
+            summary["plot_error"] = repr(exc)
+        for ref in list(gen_inflight) + list(score_inflight):
+            ray.cancel(ref, force=False)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    # ---------------------------------------------------------------- pieces
+    def _retry(self, group: _Group, why: str) -> None:
+        group.attempts += 1
+        self.counters[K.RETRIED_GROUPS] += 1
+        self.counters[K.RESTARTS] += 1
+        self.requeue.appendleft(group.item_index)
+        print(f"[tepo-ray] {why}; group {group.group_id} re-queued (attempt {group.attempts})")
+
+    def _resend_weights(self, actor: Any) -> None:
+        v = max(self.weight_paths)
+        actor.set_weights.remote(self.weight_paths[v], v)
+
+    def _checkpoint_extra(self, pending: list[int]) -> dict[str, Any]:
+        return {"step": self.step, "version": self.version, "cursor": self.cursor,
+                "requeue": list(self.requeue) + sorted(pending), "counters": dict(self.counters)}
+
+    def _step_metrics(self, learner_metrics: dict[str, Any], batch: list[_Group], *, step_time: float,
+                      inflight: int) -> dict[str, Any]:
+        import ray
+
+        trajs = [t for g in batch for t in g.trajectories]
+        stale = [self.version - 1 - g.behaviour_version for g in batch]
+        rec: dict[str, Any] = {K.STEP: self.step, K.VERSION: self.version, **learner_metrics}
+        rec[K.STALENESS_MIN] = min(stale)
+        rec[K.STALENESS_MEAN] = sum(stale) / len(stale)
+        rec[K.STALENESS_MAX] = max(stale)
+        rec[K.DROPPED_STALE] = self.counters[K.DROPPED_STALE]
+        rec[K.ADMITTED] = self.counters[K.ADMITTED]
+        rec[K.INFLIGHT] = inflight
+        rec[K.RESTARTS] = self.counters[K.RESTARTS]
+        rec[K.RETRIED_GROUPS] = self.counters[K.RETRIED_GROUPS]
+        rec[K.TIME_STEP] = step_time
+        rec[K.CALLS] = sum(t.num_calls for t in trajs) / len(trajs)
+        for tool in ("python", "search"):
+            rec[K.CALLS_BY_TOOL.format(tool=tool)] = sum(
+                1 for t in trajs for c in t.tool_calls if c.tool == tool) / len(trajs)
+        dh = [c.delta_entropy for t in trajs for c in t.tool_calls if c.delta_entropy is not None]
+        rec[K.DELTA_H_VALUES] = [round(x, 5) for x in dh]
+        rec[K.DELTA_H_MEAN] = sum(dh) / len(dh) if dh else None
+        for tool in ("python", "search"):
+            vals = [c.delta_entropy for t in trajs for c in t.tool_calls if c.tool == tool and c.delta_entropy is not None]
+            rec[K.DELTA_H_TOOL.format(tool=tool)] = sum(vals) / len(vals) if vals else None
+        with_calls = [t for t in trajs if t.num_calls]
+        rec[K.M_OVER_N] = (sum(t.num_decreasing / t.num_calls for t in with_calls) / len(with_calls)) if with_calls else None
+        rec[K.DECREASE_FRAC] = (sum(1 for t in trajs for c in t.tool_calls if c.entropy_decreased) / len(dh)) if dh else None
+        rewards = ray.get(self.learner.last_rewards.remote())  # (uid, score, reward): computed on the learner
+        if rewards:
+            scores = [sc for _, sc, _ in rewards]
+            rec[K.SCORE] = sum(scores) / len(scores)
+            rec[K.ACCURACY] = sum(1 for x in scores if x >= 1.0) / len(scores)
+            rec[K.REWARD] = sum(r for _, _, r in rewards) / len(rewards)
+        for reason in ("answer", "max_turns", "max_new_tokens", "max_context", "eos", "malformed", "error"):
+            rec[K.FINISH.format(reason=reason)] = sum(1 for t in trajs if t.finish_reason == reason) / len(trajs)
+        rec[K.RESPONSE_LEN] = sum(t.num_generated for t in trajs) / len(trajs)
+        # per-actor time and throughput
+        wall = max(step_time, 1e-9)
+        gen_stats = ray.get([g.stats.remote() for g in self.generators])
+        prev = getattr(self, "_prev_gen_stats", None) or [{"busy_s": 0.0, "tokens": 0} for _ in gen_stats]
+        tokens = 0
+        for i, (cur, old) in enumerate(zip(gen_stats, prev)):
+            busy = max(cur["busy_s"] - old["busy_s"], 0.0) if cur["busy_s"] >= old["busy_s"] else cur["busy_s"]
+            tokens += max(cur["tokens"] - old["tokens"], 0) if cur["tokens"] >= old["tokens"] else cur["tokens"]
+            rec[K.TIME_GEN.format(actor=f"generator{i}")] = busy
+            rec[K.IDLE.format(actor=f"generator{i}")] = max(0.0, 1.0 - busy / wall)
+        self._prev_gen_stats = gen_stats
+        rec[K.GEN_TOKENS_PER_S] = tokens / wall
+        train_s = float(learner_metrics.get("learner/step_time_s", 0.0) or 0.0)
+        rec[K.TIME_TRAIN] = train_s
+        rec[K.IDLE.format(actor="learner")] = max(0.0, 1.0 - train_s / wall)
+        trained_tokens = sum(t.num_generated for t in trajs)
+        rec[K.TRAIN_TOKENS_PER_S] = trained_tokens / train_s if train_s > 0 else None
+        for i, sc in enumerate(self.scorers):
+            try:
+                st = ray.get(sc.stats.remote(), timeout=5)
+                rec[K.TIME_SCORE.format(actor=f"scorer{i}")] = st.get("last_score_time_s")
+            except Exception:
+                pass
+        for kind, pool in self.pools.items():
+            try:
+                rec.update(ray.get(pool.metrics.remote(), timeout=5))
+            except Exception:
+                pass
+        return rec
+
+    def shutdown(self) -> None:
+        import ray
+
+        for g in getattr(self, "generators", []):
+            try:
+                ray.get(g.shutdown.remote(), timeout=30)
+            except Exception:
+                pass
+        for pool in getattr(self, "pools", {}).values():
+            try:
+                ray.get(pool.shutdown.remote(), timeout=30)
+            except Exception:
+                pass
+        if getattr(self, "pg", None) is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.pg)
+
+
+class _Progress:
+    """A rich progress bar with the latest reward / score / calls / staleness."""
+
+    def __init__(self, *, enabled: bool, total: int, start: int):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("{task.fields[info]}"))
+        self.task = self.progress.add_task("train", total=total, completed=start, info="")
+        self.progress.start()
+
+    def update(self, step: int, rec: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+
+        def f(k: str) -> str:
+            v = rec.get(k)
+            return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+
+        info = (f"reward {f(K.REWARD)} score {f(K.SCORE)} calls {f(K.CALLS)} m/n {f(K.M_OVER_N)} "
+                f"ΔH {f(K.DELTA_H_MEAN)} stale≤{rec.get(K.STALENESS_MAX)}")
+        self.progress.update(self.task, completed=step, info=info)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+
+def train(cfg: DictConfig, *, resume: str | None = None, address: str | None = None,
+          **driver_kwargs: Any) -> dict[str, Any]:
+    """Prepare assets, start actors, run the schedule; returns the run summary."""
+    run_dir = resolve_run_dir(cfg, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, run_dir)
+    assets = prepare_run(cfg, progress=cfg.logging.progress)
+    driver = Driver(cfg, run_dir=run_dir, assets=assets, resume=bool(resume), address=address, **driver_kwargs)
+    try:
+        driver.start()
+        return driver.run()
+    finally:
+        driver.shutdown()
