@@ -67,7 +67,8 @@ class EntropyScorerWorker:
 
     def stats(self) -> dict[str, Any]:
         return {"version": self.scorer.version, "weight_loads": self.scorer.loads,
-                "last_score_time_s": self.scorer.last_score_time_s}
+                "last_score_time_s": self.scorer.last_score_time_s,
+                "total_score_time_s": self.scorer.total_score_time_s}
 
 
 EntropyScorerActor = ray.remote(EntropyScorerWorker)

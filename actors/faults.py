@@ -8,19 +8,27 @@ Each is the real actor class with one injected behaviour, named as such:
 * `FaultInjectingScorerWorker` — the same for `score`.
 * `DelayInjectingGenerationWorker` — after the real rollout, sleeps for a
   long-tailed (log-normal) time per group, to emulate long generations in the
-  async-vs-sync benchmark without a large model.
+  async-vs-sync benchmark without a large model. Each generator draws from its
+  own stream, seeded by `(delay_seed, name)`, so replicas do not sleep in lockstep.
+* `DelayInjectingLearnerWorker` — after the real optimizer step, sleeps for
+  `train_delay_s` (plus an optional log-normal jitter), to emulate a larger
+  learner; the sleep is counted in `learner/step_time_s` (the step took that
+  long) and reported on its own as `faults/injected_train_delay_s`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
 from actors.entropy_scorer import EntropyScorerWorker
 from actors.generation import GenerationWorker
+from actors.learner import LearnerWorker
 
 
 def _crash_once(marker: str | None) -> None:
@@ -59,12 +67,38 @@ class DelayInjectingGenerationWorker(GenerationWorker):
         super().__init__(**kwargs)
         self.delay_median_s = delay_median_s
         self.delay_sigma = delay_sigma
-        self._rng = random.Random(delay_seed)
+        self._rng = random.Random(f"{delay_seed}/{self.name}")
+        self.injected_delay_s = 0.0
 
     async def generate_group(self, item: dict[str, Any], *, group_id: str, group_size: int) -> list[dict[str, Any]]:
         out = await super().generate_group(item, group_id=group_id, group_size=group_size)
-        import math
-
         delay = self.delay_median_s * math.exp(self.delay_sigma * self._rng.gauss(0.0, 1.0))
+        self.injected_delay_s += delay
         await asyncio.sleep(delay)
         return out
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), "injected_delay_s": self.injected_delay_s}
+
+
+class DelayInjectingLearnerWorker(LearnerWorker):
+    """The real learner, whose every step is made `train_delay_s` (x log-normal jitter) longer by a sleep."""
+
+    def __init__(self, model_path: str, *, train_delay_s: float = 1.0, train_delay_sigma: float = 0.0,
+                 delay_seed: int = 0, **kwargs: Any):
+        super().__init__(model_path, **kwargs)
+        if train_delay_s < 0 or train_delay_sigma < 0:
+            raise ValueError(f"train_delay_s={train_delay_s!r}, train_delay_sigma={train_delay_sigma!r}; "
+                             f"expected both >= 0")
+        self.train_delay_s = train_delay_s
+        self.train_delay_sigma = train_delay_sigma
+        self._rng = random.Random(f"{delay_seed}/learner")
+
+    def train_step(self, trajectories: Any) -> dict[str, float]:
+        t0 = time.perf_counter()
+        metrics = super().train_step(trajectories)
+        delay = self.train_delay_s * math.exp(self.train_delay_sigma * self._rng.gauss(0.0, 1.0))
+        time.sleep(delay)
+        metrics["learner/step_time_s"] = time.perf_counter() - t0
+        metrics["faults/injected_train_delay_s"] = delay
+        return metrics

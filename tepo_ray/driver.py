@@ -86,6 +86,11 @@ def prepare_run(cfg: DictConfig, *, progress: bool = True) -> RunAssets:
                      index_dir=data.index_dir)
 
 
+# Keep actor logs readable: engines and loaders are chatty at INFO.
+QUIET_ENV = {"VLLM_LOGGING_LEVEL": "WARNING", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+             "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "1"}
+
+
 def _worker_resources(bundles: list[Any], max_workers: int) -> Any:
     """Per-worker CPUs so that `max_workers` workers fit the pool's bundles (scale() never needs a new PG)."""
     from types import SimpleNamespace
@@ -100,6 +105,23 @@ def _tools_cfg(cfg: DictConfig, kind: str, index_dir: str | None) -> Any:
     if kind == "search" and index_dir:
         tools.search.index_dir = index_dir
     return tools
+
+
+def _truncate_metrics(path: Path, *, keep_through_step: int) -> None:
+    """On resume, drop metric lines of steps after the checkpoint (they are redone), atomically."""
+    if not path.exists():
+        return
+    kept = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                if int(json.loads(line).get(K.STEP, 0)) <= keep_through_step:
+                    kept.append(line)
+            except (ValueError, json.JSONDecodeError):
+                continue  # a torn last line from a killed run
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- driver
@@ -123,8 +145,9 @@ class Driver:
     def __init__(self, cfg: DictConfig, *, run_dir: str | Path, assets: RunAssets, resume: bool = False,
                  address: str | None = None, generator_cls: type | None = None,
                  generator_kwargs: dict[str, Any] | None = None, scorer_cls: type | None = None,
-                 scorer_kwargs: dict[str, Any] | None = None):
-        """`generator_cls` / `scorer_cls` replace the actor classes (e.g. actors.faults variants)."""
+                 scorer_kwargs: dict[str, Any] | None = None, learner_cls: type | None = None,
+                 learner_kwargs: dict[str, Any] | None = None):
+        """`generator_cls` / `scorer_cls` / `learner_cls` replace the actor classes (e.g. actors.faults variants)."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.assets = assets
@@ -141,6 +164,8 @@ class Driver:
         self.generator_kwargs = dict(generator_kwargs or {})
         self.scorer_cls = scorer_cls
         self.scorer_kwargs = dict(scorer_kwargs or {})
+        self.learner_cls = learner_cls
+        self.learner_kwargs = dict(learner_kwargs or {})
 
     # ---------------------------------------------------------------- set-up
     def start(self) -> None:
@@ -156,7 +181,8 @@ class Driver:
         if not ray.is_initialized():
             address = self.address or os.environ.get("RAY_ADDRESS") or None
             extra = {} if address else {"_system_config": {"worker_niceness": 0}}  # sandboxes inherit nice 15 otherwise
-            ray.init(address=address, include_dashboard=False, log_to_driver=True, **extra)
+            ray.init(address=address, include_dashboard=False, log_to_driver=True,
+                     runtime_env={"env_vars": QUIET_ENV}, **extra)
         validate_resources(self.cfg, ray.cluster_resources())
         self.pg = placement_group(self.plan.bundle_specs(), strategy=self.plan.strategy)
         ready, _ = ray.wait([self.pg.ready()], timeout=self.cfg.topology.placement_timeout_s)
@@ -175,9 +201,9 @@ class Driver:
 
         cfg = self.cfg
         (lb,) = self.plan.for_role("learner")
-        self.learner = LearnerActor.options(**opts(lb)).remote(
+        self.learner = (ray.remote(self.learner_cls) if self.learner_cls else LearnerActor).options(**opts(lb)).remote(
             self.assets.model_path, algo_cfg=cfg.algo, trainer_cfg=cfg.trainer, run_dir=str(self.run_dir),
-            seed=cfg.trainer.seed, resume=self.resume)
+            seed=cfg.trainer.seed, resume=self.resume, **self.learner_kwargs)
         scorer_cls = ray.remote(self.scorer_cls) if self.scorer_cls else EntropyScorerActor
         self.scorers = [
             scorer_cls.options(**opts(b)).remote(
@@ -224,6 +250,7 @@ class Driver:
         self.cursor = int(extra["cursor"])
         self.requeue = collections.deque(extra.get("requeue", []))
         self.counters.update(extra.get("counters", {}))
+        _truncate_metrics(self.run_dir / "metrics.jsonl", keep_through_step=self.step)
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
@@ -389,6 +416,7 @@ class Driver:
         rec[K.DROPPED_STALE] = self.counters[K.DROPPED_STALE]
         rec[K.ADMITTED] = self.counters[K.ADMITTED]
         rec[K.INFLIGHT] = inflight
+        rec[K.ITEMS] = sorted(g.item_index for g in batch)
         rec[K.RESTARTS] = self.counters[K.RESTARTS]
         rec[K.RETRIED_GROUPS] = self.counters[K.RETRIED_GROUPS]
         rec[K.TIME_STEP] = step_time
@@ -402,6 +430,7 @@ class Driver:
         for tool in ("python", "search"):
             vals = [c.delta_entropy for t in trajs for c in t.tool_calls if c.tool == tool and c.delta_entropy is not None]
             rec[K.DELTA_H_TOOL.format(tool=tool)] = sum(vals) / len(vals) if vals else None
+            rec[K.DELTA_H_TOOL_VALUES.format(tool=tool)] = [round(x, 5) for x in vals]
         with_calls = [t for t in trajs if t.num_calls]
         rec[K.M_OVER_N] = (sum(t.num_decreasing / t.num_calls for t in with_calls) / len(with_calls)) if with_calls else None
         rec[K.DECREASE_FRAC] = (sum(1 for t in trajs for c in t.tool_calls if c.entropy_decreased) / len(dh)) if dh else None
@@ -431,12 +460,17 @@ class Driver:
         rec[K.IDLE.format(actor="learner")] = max(0.0, 1.0 - train_s / wall)
         trained_tokens = sum(t.num_generated for t in trajs)
         rec[K.TRAIN_TOKENS_PER_S] = trained_tokens / train_s if train_s > 0 else None
+        prev_sc = getattr(self, "_prev_scorer_busy", {})
         for i, sc in enumerate(self.scorers):
             try:
-                st = ray.get(sc.stats.remote(), timeout=5)
-                rec[K.TIME_SCORE.format(actor=f"scorer{i}")] = st.get("last_score_time_s")
-            except Exception:
-                pass
+                total = float(ray.get(sc.stats.remote(), timeout=5).get("total_score_time_s", 0.0))
+            except Exception:  # a restarting scorer: its time shows next step
+                continue
+            busy = total - prev_sc.get(i, 0.0) if total >= prev_sc.get(i, 0.0) else total
+            prev_sc[i] = total
+            rec[K.TIME_SCORE.format(actor=f"scorer{i}")] = busy
+            rec[K.IDLE.format(actor=f"scorer{i}")] = max(0.0, 1.0 - busy / wall)
+        self._prev_scorer_busy = prev_sc
         for kind, pool in self.pools.items():
             try:
                 rec.update(ray.get(pool.metrics.remote(), timeout=5))

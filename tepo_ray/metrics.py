@@ -31,6 +31,7 @@ class K:
     M_OVER_N = "tepo/m_over_n"
     DELTA_H_MEAN = "tepo/delta_h_mean"
     DELTA_H_TOOL = "tepo/{tool}/delta_h_mean"
+    DELTA_H_TOOL_VALUES = "tepo/{tool}/delta_h_values"
     DECREASE_FRAC = "tepo/decrease_fraction"
     DELTA_H_VALUES = "tepo/delta_h_values"  # list: distribution, kept in jsonl for plots
     STALENESS_MIN = "async/staleness_min"
@@ -39,6 +40,7 @@ class K:
     DROPPED_STALE = "async/dropped_stale_total"
     ADMITTED = "async/groups_admitted_total"
     INFLIGHT = "async/groups_inflight"
+    ITEMS = "data/item_indices"  # list: which prompts this step trained on (resume / no-duplicate checks)
     GEN_TOKENS_PER_S = "perf/gen_tokens_per_s"
     TRAIN_TOKENS_PER_S = "perf/train_tokens_per_s"
     TIME_STEP = "time/step_s"

@@ -117,6 +117,7 @@ class EntropyScorer:
         self._loaded_path = self.model_path
         self.loads = 0  # weight switches performed (a metric: scoring order minimises them)
         self.last_score_time_s = 0.0
+        self.total_score_time_s = 0.0  # cumulative busy time (driver derives idle fraction)
 
     # ------------------------------------------------------------------ weights
     def ready(self) -> dict[str, Any]:
@@ -219,6 +220,7 @@ class EntropyScorer:
                     t.behaviour_logprobs = lp[row, :n].tolist()
                     t.entropies = ent[row, :n].tolist()
         self.last_score_time_s = time.perf_counter() - t0
+        self.total_score_time_s += self.last_score_time_s
         for t in trajs:
             gen_versions = sorted({v for v, m in zip(t.versions, t.loss_mask) if m})
             t.meta["entropy_version"] = t.behaviour_version
