@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 Piece = tuple[str, bool]  # (text, trainable)
+DEMO_VERSION = 2  # bump when demonstration text changes (part of the SFT cache key)
 
 
 class TaskError(ValueError):
@@ -123,7 +124,10 @@ def demonstration(item: dict[str, Any], *, run_python: Callable[[str], str] | No
         expr = q.removeprefix("What is ").rstrip("?")
         code = f"print({expr})"
         obs = run_python(code) if run_python else answer + "\n"
-        pieces += [(f"<think>too hard to do in my head</think><python>{code}</python>", True),
+        # A rough estimate first: uncertain digits a small model cannot know (high entropy), which the
+        # exact tool result then settles (the entropy drop TEPO rewards).
+        estimate = f"{float(answer):.1e}".replace("+0", "").replace("+", "")
+        pieces += [(f"<think>about {estimate}, too hard to do exactly</think><python>{code}</python>", True),
                    (f"<result>{obs}</result>", False),
                    (f"<think>the tool says {obs.strip()}</think><answer>{obs.strip()}</answer>", True)]
     elif item["task_type"] == "math":

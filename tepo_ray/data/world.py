@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tepo_ray.data.tasks import Piece, demonstration, make_items, render_prompt
+from tepo_ray.data.tasks import DEMO_VERSION, Piece, demonstration, make_items, render_prompt
 
 __all__ = ["PreparedData", "prepare_data", "tokenize_pieces", "build_demonstrations"]
 
@@ -151,7 +151,7 @@ def prepare_data(cfg: Any, *, progress: bool = True) -> PreparedData:
     rng = random.Random(cfg.data.seed)
     sample = rng.sample(train, min(len(train), 512))
     texts = [render_prompt(it["question"]) + " ".join(it["answers"]) for it in sample]
-    texts += ["<think>too hard to do in my head</think><python>print(123 * 456)</python>",
+    texts += ["<think>about 5.6e4, too hard to do exactly</think><python>print(123 * 456)</python>",
               "<result>56088\n</result><think>the tool says 56088</think><answer>56088</answer>",
               "<think>look it up</think><search>x</search><think>found it</think>", "error: Traceback timeout"]
     if corpus_path is not None:
@@ -176,7 +176,7 @@ def _sft_warm_start(cfg: Any, *, model_path: str, train: list[dict[str, Any]], i
     from tepo_ray.trainer.sft import sft_train
 
     t = cfg.trainer
-    out = cache / f"sft-{_key(str(model_path), t.sft_steps, t.sft_lr, t.sft_batch_size, t.seed, cfg.data.task, len(train))}"
+    out = cache / f"sft-{_key(str(model_path), t.sft_steps, t.sft_lr, t.sft_batch_size, t.seed, cfg.data.task, len(train), DEMO_VERSION)}"
     if (out / "config.json").exists():
         return str(out)
     items = train[: max(256, min(len(train), t.sft_steps * t.sft_batch_size // 4))]

@@ -91,7 +91,7 @@ def test_limits_end_trajectories_with_a_reason(setup):
     assert all(t.finish_reason == "max_new_tokens" and t.num_generated <= 5 for t in trajs)
 
     prompt_len = _run(setup, ITEMS[:1], max_new_tokens=1, max_turn_tokens=1)[0].prompt_len
-    trajs = _run(setup, ITEMS[:2], max_context=prompt_len + 12, max_new_tokens=12)
+    trajs = _run(setup, ITEMS[:2], max_context=prompt_len + 12, max_new_tokens=64)
     for t in trajs:
         assert len(t.token_ids) <= prompt_len + 12
         assert t.finish_reason in ("max_context", "max_new_tokens", "answer")
