@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 import tempfile
@@ -27,6 +28,8 @@ from tepo_ray.config import ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TEPO training on Ray.")
 console = Console()
+# Errors go to stderr, unwrapped: a dotted key or a path is never split across lines.
+err_console = Console(stderr=True, soft_wrap=True)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "experiments" / "configs" / "demo.yaml"
@@ -43,7 +46,7 @@ def _load(config: Optional[Path], overrides: List[str]) -> Any:
     try:
         return load_config([config] if config else [], overrides)
     except ConfigError as exc:
-        console.print(f"[red]config error:[/red] {exc}")
+        err_console.print(f"[red]config error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -109,7 +112,9 @@ def eval_cmd(config: Path = typer.Argument(...), overrides: List[str] = typer.Ar
 
 @app.command()
 def topology(config: Path = typer.Argument(...), overrides: List[str] = typer.Argument(None),
-             address: Optional[str] = typer.Option(None, help="also check against this running cluster")) -> None:
+             address: Optional[str] = typer.Option(
+                 None, help="also check against this running cluster: its GCS address HEAD:6379 or 'auto' "
+                            "(the http:// dashboard address is for `submit`)")) -> None:
     """Print the placement-group bundles and resource needs without starting anything."""
     from tepo_ray.topology import plan_topology
 
@@ -117,7 +122,7 @@ def topology(config: Path = typer.Argument(...), overrides: List[str] = typer.Ar
     try:
         plan = plan_topology(cfg)
     except ConfigError as exc:
-        console.print(f"[red]config error:[/red] {exc}")
+        err_console.print(f"[red]config error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
     console.print(plan.table(title=str(config)))
     pools = {k: cfg.tools[k] for k in ("python", "search")}
@@ -126,65 +131,214 @@ def topology(config: Path = typer.Argument(...), overrides: List[str] = typer.Ar
                       f"autoscale={t.autoscale})")
     console.print(f"needs {plan.total_cpus:g} CPUs and {plan.total_gpus:g} GPUs in one placement group")
     if address:
-        import ray
+        _check_fits_cluster(cfg, address)
 
-        from tepo_ray.config import validate_resources
 
-        ray.init(address=address)
-        try:
-            validate_resources(cfg, ray.cluster_resources())
-        except ConfigError as exc:
-            console.print(f"[red]does not fit the cluster:[/red] {exc}")
-            raise typer.Exit(3) from None
-        console.print("[green]fits the cluster[/green]")
+def _check_fits_cluster(cfg: Any, address: str) -> None:
+    """Connect to a running cluster (starts none), compare its resources with the topology; exit 3 if short."""
+    if address.startswith(("http://", "https://")):
+        err_console.print(f"[red]--address {address}:[/red] `topology` connects with ray.init, which takes the "
+                          f"cluster's GCS address (HEAD:6379) or 'auto'; the http:// dashboard address is for "
+                          f"`submit`", highlight=False)
+        raise typer.Exit(2)
+    import ray
+
+    from tepo_ray.config import validate_resources
+
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    except Exception as exc:  # unreachable, bad address, authentication: one line, not a traceback
+        err_console.print(f"[red]cannot connect to the Ray cluster at {address}:[/red] {type(exc).__name__}: {exc}",
+                          highlight=False)
+        raise typer.Exit(3) from None
+    try:
+        resources = ray.cluster_resources()
+    finally:
+        ray.shutdown()
+    try:
+        validate_resources(cfg, resources)
+    except ConfigError as exc:
+        err_console.print(f"[red]does not fit the cluster:[/red] {exc}", highlight=False)
+        raise typer.Exit(3) from None
+    console.print(f"[green]fits the cluster[/green] ({resources.get('CPU', 0):g} CPUs, "
+                  f"{resources.get('GPU', 0):g} GPUs)")
+
+
+# Config values that name files or directories. The job runs in a temporary copy of the project (Ray's
+# working_dir, deleted by Ray later), so `submit` makes relative values absolute against the directory it
+# runs in: what the user meant, and where the run's outputs outlive the job. On a cluster these absolute
+# paths must exist on the nodes (a shared filesystem); `--no-resolve-paths` keeps them as written.
+PATH_KEYS = ("model.cache_dir", "logging.run_dir", "trainer.checkpoint_dir", "data.train_path", "data.eval_path",
+             "data.corpus_path", "tools.search.index_dir", "tools.search.embedding_model")
+INPUT_PATH_KEYS = ("model.path", "data.train_path", "data.eval_path", "data.corpus_path",
+                   "tools.search.embedding_model")
+
+
+def resolve_job_paths(cfg: Any, *, base: Path) -> list[tuple[str, Optional[str], str]]:
+    """Make the relative path values of `cfg` absolute against `base`, in place.
+
+    Returns `(key, before, after)` for each change. A null `logging.run_dir`
+    becomes `base/runs/<name>-<time>` (the driver's default, made absolute).
+    `model.path` changes only when it names an existing local path; otherwise
+    it is a hub id such as `Qwen/Qwen2.5-7B-Instruct`.
+    """
+    import os
+
+    from omegaconf import OmegaConf
+
+    from tepo_ray.driver import resolve_run_dir
+
+    changes: list[tuple[str, Optional[str], str]] = []
+
+    def put(key: str, value: str) -> None:
+        changes.append((key, OmegaConf.select(cfg, key), value))
+        OmegaConf.update(cfg, key, value, merge=False)
+
+    if cfg.logging.run_dir is None:
+        put("logging.run_dir", os.path.abspath(base / resolve_run_dir(cfg, None)))
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        absolute = str(path) if path.is_absolute() else os.path.abspath(base / path)
+        if absolute != value:
+            put(key, absolute)
+    model_path = cfg.model.path
+    if model_path and model_path.startswith("~"):
+        put("model.path", str(Path(model_path).expanduser()))
+    elif model_path and not Path(model_path).is_absolute() and (base / model_path).exists():
+        put("model.path", os.path.abspath(base / model_path))
+    return changes
 
 
 @app.command()
 def submit(config: Path = typer.Argument(...), overrides: List[str] = typer.Argument(None),
            address: str = typer.Option(..., help="Ray dashboard address, e.g. http://HEAD:8265"),
            follow: bool = typer.Option(True, help="follow the job's logs until it ends"),
-           timeout: float = typer.Option(0, help="stop following after this many seconds (0 = never)")) -> None:
-    """Submit a training job with the Ray Jobs API; the runtime_env carries the project and config."""
+           timeout: float = typer.Option(0, help="stop following after this many seconds (0 = never)"),
+           resolve_paths: bool = typer.Option(
+               True, "--resolve-paths/--no-resolve-paths",
+               help="make relative path values (model.cache_dir, logging.run_dir, data.*_path, ...) absolute "
+                    "against the current directory; the job itself runs in a temporary copy of the project")) -> None:
+    """Submit a training job with the Ray Jobs API; the runtime_env carries the project and config.
+
+    Exit codes: 0 job succeeded (or not followed / still running at --timeout), 1 job failed or was
+    stopped, 2 bad config, 3 cluster unreachable or submission refused, 130 interrupted (the job goes on).
+    On a token-authenticated cluster set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token),
+    as for `ray job submit`.
+    """
+    from omegaconf import OmegaConf
+    from ray.exceptions import RayError
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    cfg = _load(config, overrides or [])
     from tepo_ray.config import to_yaml
+
+    cfg = _load(config, overrides or [])
+    if resolve_paths:
+        base = Path.cwd()
+        changes = resolve_job_paths(cfg, base=base)
+        if changes:
+            console.print(f"paths made absolute against {base} (--no-resolve-paths keeps them as written):",
+                          highlight=False, soft_wrap=True)
+            for key, before, after in changes:
+                console.print(f"  {key}: {before} -> {after}", highlight=False, soft_wrap=True)
+        for key in INPUT_PATH_KEYS:
+            value = OmegaConf.select(cfg, key)
+            if value and Path(value).is_absolute() and not Path(value).exists():
+                err_console.print(f"[yellow]warning:[/yellow] {key}={value} does not exist on this machine; "
+                                  f"the job will look for it on the cluster", highlight=False)
 
     stage = Path(tempfile.mkdtemp(prefix="tepo-submit-"))
     try:
         for pkg in ("tepo_ray", "actors", "experiments"):
-            shutil.copytree(REPO_ROOT / pkg, stage / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            if (REPO_ROOT / pkg).is_dir():  # experiments/ is absent from a non-editable install
+                shutil.copytree(REPO_ROOT / pkg, stage / pkg,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (stage / "job_config.yaml").write_text(to_yaml(cfg))
-        client = JobSubmissionClient(address)
-        job_id = client.submit_job(
-            entrypoint="python -m tepo_ray.cli train job_config.yaml",
-            runtime_env={"working_dir": str(stage), "env_vars": {"PYTHONUNBUFFERED": "1"}},
-            metadata={"tepo_ray": "train", "config": str(config)},
-        )
+        try:
+            client = JobSubmissionClient(address)
+            job_id = client.submit_job(  # uploads the working_dir before returning
+                entrypoint="python -m tepo_ray.cli train job_config.yaml",
+                runtime_env={"working_dir": str(stage), "env_vars": {"PYTHONUNBUFFERED": "1"}},
+                metadata={"tepo_ray": "train", "config": str(config)},
+            )
+        except (ConnectionError, RuntimeError, ValueError, RayError) as exc:
+            err_console.print(f"[red]cannot submit to {address}:[/red] {type(exc).__name__}: {exc}",
+                              highlight=False)
+            raise typer.Exit(3) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    console.print(f"[bold]submitted job[/bold] {job_id}")
+    console.print(f"[bold]submitted job[/bold] {job_id}", highlight=False)
+    console.print(f"run directory (on the cluster): {cfg.logging.run_dir or 'runs/ inside the job working_dir'}",
+                  highlight=False, soft_wrap=True)
     if not follow:
+        console.print(f"follow it with: ray job logs -f {job_id} --address {address}", highlight=False)
         return
-    shown = 0
-    t0 = time.time()
-    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-    while True:
-        status = client.get_job_status(job_id)
-        logs = client.get_job_logs(job_id)
-        if len(logs) > shown:
-            sys.stdout.write(logs[shown:])
-            sys.stdout.flush()
-            shown = len(logs)
-        if status in terminal:
-            break
-        if timeout and time.time() - t0 > timeout:
-            console.print(f"[yellow]still {status} after {timeout:.0f}s; stopped following[/yellow]")
-            return
-        time.sleep(1.0)
-    console.print(f"job {job_id}: [bold]{status}[/bold]")
+    try:
+        status = _follow_job(client, job_id, timeout=timeout)
+    except KeyboardInterrupt:
+        err_console.print(f"stopped following; job {job_id} keeps running "
+                          f"(stop it with: ray job stop {job_id} --address {address})", highlight=False)
+        raise typer.Exit(130) from None
+    if status is None:
+        console.print(f"[yellow]job {job_id} still running after {timeout:g}s; stopped following[/yellow] "
+                      f"(ray job logs -f {job_id} --address {address})", highlight=False)
+        return
+    console.print(f"job {job_id}: [bold]{status.value}[/bold]", highlight=False)
     if status != JobStatus.SUCCEEDED:
+        message = client.get_job_info(job_id).message
+        if message:
+            err_console.print(f"[red]{message.strip().splitlines()[0]}[/red]", highlight=False)
         raise typer.Exit(1)
+
+
+def _follow_job(client: Any, job_id: str, *, timeout: float) -> Any:
+    """Print the job's logs once each, as they come, until it ends; its final `JobStatus`, or None at `timeout`.
+
+    Streams with the Jobs API websocket tail (what `ray job submit` does); if the
+    stream drops, polls the log and prints only what is new.
+    """
+    import asyncio
+
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # "WebSocket closed ..." noise
+    deadline = time.monotonic() + timeout if timeout > 0 else None
+    printed = 0
+
+    def emit(text: str) -> None:
+        nonlocal printed
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        printed += len(text)
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            emit(chunk)
+
+    try:
+        asyncio.run(asyncio.wait_for(tail(), timeout=timeout if timeout > 0 else None))
+    except asyncio.TimeoutError:
+        return None
+    except (RuntimeError, OSError) as exc:  # the websocket dropped: poll from what was printed
+        err_console.print(f"[yellow]log stream interrupted ({exc}); polling the job's log[/yellow]",
+                          highlight=False)
+        while True:
+            status = client.get_job_status(job_id)
+            logs = client.get_job_logs(job_id)
+            if len(logs) > printed:
+                emit(logs[printed:])
+            if status.is_terminal():
+                return status
+            if deadline is not None and time.monotonic() > deadline:
+                return None
+            time.sleep(1.0)
+    while True:  # the stream ends with the job; its status can lag a moment behind
+        status = client.get_job_status(job_id)
+        if status.is_terminal():
+            return status
+        if deadline is not None and time.monotonic() > deadline:
+            return None
+        time.sleep(0.5)
 
 
 @app.command()

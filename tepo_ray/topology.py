@@ -63,6 +63,13 @@ class TopologyPlan:
         return t
 
 
+def needs_search(cfg: Any) -> bool:
+    """Whether a run starts a search pool: tasks that need it, or a user corpus to search."""
+    if cfg.tools.search.workers == 0:
+        return False
+    return cfg.data.task in ("multihop", "mixed") or bool(cfg.data.corpus_path)
+
+
 def plan_topology(cfg: Any) -> TopologyPlan:
     """Bundles for every role of `cfg.topology`; tool pools get a bundle only when they have workers."""
     topo = cfg.topology
@@ -70,8 +77,10 @@ def plan_topology(cfg: Any) -> TopologyPlan:
     for role in ROLES:
         r = topo[role]
         replicas = int(r.replicas)
-        if role == "python_tools" and cfg.tools.python.workers == 0 and cfg.tools.python.max_workers == 0:
+        if role == "python_tools" and cfg.tools.python.workers == 0:
             replicas = 0
+        if role == "search_tools" and not needs_search(cfg):
+            replicas = 0  # no search pool is started: reserve nothing for it
         for i in range(replicas):
             bundles.append(Bundle(role, i, len(bundles), float(r.num_cpus), float(r.num_gpus)))
     for role in ("generators", "learner"):

@@ -35,10 +35,6 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _needs_search(cfg: Any) -> bool:
-    return cfg.data.task in ("multihop", "mixed") or (cfg.tools.search.workers > 0 and cfg.data.corpus_path)
-
-
 def _corpus(cfg: Any, cache: Path) -> tuple[Path, Any]:
     """Corpus path and (for the generated corpus) its World, for question generation."""
     from tepo_ray.data.corpus import generate_world, write_corpus
@@ -141,7 +137,9 @@ def prepare_data(cfg: Any, *, progress: bool = True) -> PreparedData:
     cache = Path(cfg.model.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     corpus_path = world = index_dir = None
-    if _needs_search(cfg):
+    from tepo_ray.topology import needs_search
+
+    if needs_search(cfg) or cfg.data.task in ("multihop", "mixed"):
         corpus_path, world = _corpus(cfg, cache)
         index_dir = _index(cfg, corpus_path, cache, progress=progress)
     train, eval_ = _split_items(cfg, world)
