@@ -47,11 +47,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tepo_ray.config import save_resolved, validate_resources
+from tepo_ray.data.world import PreparedData, prepare_data
 from tepo_ray.metrics import K, MetricsLogger, plot_run
 from tepo_ray.records import Trajectory
 from tepo_ray.topology import TopologyPlan, plan_topology
 
-__all__ = ["Driver", "train", "prepare_run"]
+__all__ = ["Driver", "train"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -67,27 +68,8 @@ def resolve_run_dir(cfg: DictConfig, resume: str | None) -> Path:
     return Path("runs") / f"{cfg.logging.name}-{_now_tag()}"
 
 
-@dataclass
-class RunAssets:
-    """What the actors need that the driver prepares once: model, tokenizer corpus, data, index."""
-
-    model_path: str
-    train_items: list[dict[str, Any]]
-    eval_items: list[dict[str, Any]]
-    index_dir: str | None
-
-
-def prepare_run(cfg: DictConfig, *, progress: bool = True) -> RunAssets:
-    """Build (or reuse from the cache) the data, the search index and the model."""
-    from tepo_ray.data.world import prepare_data
-
-    data = prepare_data(cfg, progress=progress)
-    return RunAssets(model_path=data.model_path, train_items=data.train_items, eval_items=data.eval_items,
-                     index_dir=data.index_dir)
-
-
 # Keep actor logs readable: engines and loaders are chatty at INFO.
-QUIET_ENV = {"VLLM_LOGGING_LEVEL": "WARNING", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+QUIET_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
              "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "1"}
 
 
@@ -142,7 +124,7 @@ class _Group:
 class Driver:
     """Owns the actors and the schedule. `run()` trains `trainer.steps` steps."""
 
-    def __init__(self, cfg: DictConfig, *, run_dir: str | Path, assets: RunAssets, resume: bool = False,
+    def __init__(self, cfg: DictConfig, *, run_dir: str | Path, assets: PreparedData, resume: bool = False,
                  address: str | None = None, generator_cls: type | None = None,
                  generator_kwargs: dict[str, Any] | None = None, scorer_cls: type | None = None,
                  scorer_kwargs: dict[str, Any] | None = None, learner_cls: type | None = None,
@@ -534,7 +516,7 @@ def train(cfg: DictConfig, *, resume: str | None = None, address: str | None = N
     run_dir = resolve_run_dir(cfg, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, run_dir)
-    assets = prepare_run(cfg, progress=cfg.logging.progress)
+    assets = prepare_data(cfg, progress=cfg.logging.progress)
     driver = Driver(cfg, run_dir=run_dir, assets=assets, resume=bool(resume), address=address, **driver_kwargs)
     try:
         driver.start()
