@@ -109,6 +109,30 @@ def _shutdown_llm(llm: Any, set_num_threads: Any, num_threads: int) -> None:
         torch.set_num_threads(num_threads)
 
 
+def _tolerate_non_dict_vars() -> None:
+    """Compat shim: vLLM's triton kernel rebinding scans every loaded module and calls
+    `vars(obj).get(...)` on each attribute. llvmlite's `ffi.lib` (loaded whenever numba
+    is, e.g. by the BM25 scorer) answers `__dict__` with a function wrapper, which makes
+    that scan raise AttributeError. Shadow `vars` in that one vLLM module with a version
+    that returns {} for such objects.
+    """
+    import builtins
+
+    try:
+        from vllm.triton_utils import dispatcher
+    except ImportError:  # other vLLM versions: nothing to patch
+        return
+    if getattr(dispatcher, "vars", None) is not None and getattr(dispatcher.vars, "_tepo_safe", False):
+        return
+
+    def safe_vars(*args: Any) -> Any:
+        out = builtins.vars(*args)
+        return out if isinstance(out, dict) else {}
+
+    safe_vars._tepo_safe = True  # type: ignore[attr-defined]
+    dispatcher.vars = safe_vars  # type: ignore[attr-defined]
+
+
 @register_engine("vllm")
 class VLLMEngine(Engine):
     """`vllm.LLM` in this process; weights swapped in place by `update_weights`."""
@@ -127,6 +151,7 @@ class VLLMEngine(Engine):
         import torch
         from vllm import LLM
 
+        _tolerate_non_dict_vars()
         cfg_file = Path(model_path) / "config.json"
         hf_cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
         on_gpu = torch.cuda.is_available()
