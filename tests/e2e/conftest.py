@@ -7,27 +7,7 @@ from pathlib import Path
 
 import pytest
 
-# A tiny Qwen2 (head_dim 64, as vLLM on CPU needs) warm-started by a short SFT on arithmetic demos.
-TINY = [
-    "model.hidden_size=128",
-    "model.num_heads=2",
-    "model.num_kv_heads=1",
-    "model.num_layers=2",
-    "model.intermediate_size=256",
-    "model.vocab_size=384",
-    "data.task=arithmetic",
-    "data.num_train=256",
-    "data.num_eval=8",
-    "trainer.sft_steps=120",
-    "trainer.sft_batch_size=32",
-    "engine.max_new_tokens=64",
-    "engine.max_turn_tokens=40",
-    "engine.max_context=160",
-    "algo.group_size=4",
-    "async.rollout_batch_groups=2",
-    "logging.progress=false",
-    "logging.wandb_mode=offline",
-]
+from e2e_configs import CONFIG_FILES
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +33,7 @@ def tiny_overrides(e2e_cache, ray_cluster) -> list[str]:
     from tepo_ray.config import load_config
     from tepo_ray.data.world import prepare_data
 
-    overrides = [f"model.cache_dir={e2e_cache}", *TINY]
-    cfg = load_config([Path(__file__).resolve().parents[2] / "experiments" / "configs" / "demo.yaml"], overrides)
+    overrides = [f"model.cache_dir={e2e_cache}", "logging.wandb_mode=offline"]
+    cfg = load_config(CONFIG_FILES, overrides)
     prepare_data(cfg, progress=False)
     return overrides

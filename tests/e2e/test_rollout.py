@@ -12,7 +12,7 @@ from tepo_ray.config import load_config
 from tepo_ray.data.tasks import arithmetic_items
 from tepo_ray.rollout import AgentLoop, CallableToolRouter, EngineBatcher, ToolOutcome
 
-DEMO = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "demo.yaml"
+from e2e_configs import CONFIG_FILES
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def setup(tiny_overrides):
     from tepo_ray.engines import make_engine
     from tepo_ray.tools.python_sandbox import PythonSandbox, format_observation
 
-    cfg = load_config([DEMO], [*tiny_overrides, "engine.name=hf", "engine.temperature=0"])
+    cfg = load_config(CONFIG_FILES, [*tiny_overrides, "engine.name=hf", "engine.temperature=0"])
     model_path = prepare_data(cfg, progress=False).model_path
     tok = AutoTokenizer.from_pretrained(model_path)
     engine = make_engine(cfg.engine, model_path=model_path)

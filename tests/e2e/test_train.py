@@ -12,12 +12,12 @@ import pytest
 from tepo_ray.config import load_config
 from tepo_ray.metrics import K, read_metrics
 
-DEMO = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "demo.yaml"
+from e2e_configs import CONFIG_FILES
 pytestmark = pytest.mark.ray
 
 
 def _cfg(overrides, tmp_path, *extra):
-    return load_config([DEMO], [*overrides, f"logging.run_dir={tmp_path / 'run'}", *extra])
+    return load_config(CONFIG_FILES, [*overrides, f"logging.run_dir={tmp_path / 'run'}", *extra])
 
 
 def _train(cfg, **kw):
