@@ -55,8 +55,12 @@ class EngineBatcher:
     weights are applied, so a weight update never races a generation.
     """
 
-    def __init__(self, engine: Any, *, sampling: dict[str, Any], before_batch: Callable[[], None] | None = None):
+    def __init__(self, engine: Any, *, sampling: dict[str, Any], before_batch: Callable[[], None] | None = None,
+                 linger_s: float = 0.003):
+        """`linger_s`: how long to wait for more requests before an engine call. Tool results come
+        back one by one; a few ms of linger turns many small engine calls into fewer larger ones."""
         self.engine = engine
+        self.linger_s = linger_s
         self.sampling = sampling
         self.before_batch = before_batch
         self._queue: list[tuple[Any, asyncio.Future]] = []
@@ -83,7 +87,7 @@ class EngineBatcher:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await asyncio.sleep(0)  # let concurrent rollouts enqueue their turn
+            await asyncio.sleep(self.linger_s)  # let concurrent rollouts enqueue their turn
             batch, self._queue = self._queue, []
             if not batch:
                 continue
