@@ -44,7 +44,10 @@ def evaluate(cfg: DictConfig, *, model_path: str | None = None, address: str | N
     if not items:
         raise ValueError("data.num_eval is 0: nothing to evaluate")
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
+        from tepo_ray.driver import QUIET_ENV
+
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+                 runtime_env={"env_vars": QUIET_ENV})
     pools = {}
     for kind in ("python", "search"):
         if cfg.tools[kind].workers and (kind == "python" or data.index_dir):

@@ -116,3 +116,20 @@ def test_killed_generator_and_scorer_are_restarted(tiny_overrides, tmp_path):
     assert recs[-1][K.RETRIED_GROUPS] >= 2  # one group from each crash was re-queued, not lost
     summary_file = json.loads((Path(summary["run_dir"]) / "summary.json").read_text())
     assert summary_file["steps"] == 3
+
+
+def test_eval_scores_held_out_split_with_real_tools(tiny_overrides, tmp_path):
+    from tepo_ray.data.world import prepare_data
+    from tepo_ray.evaluate import evaluate
+    from tepo_ray.records import read_jsonl
+
+    cfg = _cfg(tiny_overrides, tmp_path, "engine.name=hf")
+    result = evaluate(cfg, out_dir=tmp_path / "eval")
+    items = prepare_data(cfg, progress=False).eval_items
+    trajs = list(read_jsonl(tmp_path / "eval" / "eval_trajectories.jsonl"))
+    assert result["n"] == len(trajs) == len(items) > 0
+    assert {t.prompt_id for t in trajs} == {str(it["id"]) for it in items}
+    scores = [t.score for t in trajs]
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert result["score_mean"] == pytest.approx(sum(scores) / len(scores))
+    assert result["calls_per_traj"] == pytest.approx(sum(t.num_calls for t in trajs) / len(trajs))
