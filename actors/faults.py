@@ -42,12 +42,18 @@ def _crash_once(marker: str | None) -> None:
 
 
 class FaultInjectingGenerationWorker(GenerationWorker):
-    def __init__(self, *, crash_marker: str | None = None, **kwargs: Any):
+    """`crash_marker`: the process dies once; `fail_marker`: one call raises (the actor lives on)."""
+
+    def __init__(self, *, crash_marker: str | None = None, fail_marker: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.crash_marker = crash_marker
+        self.fail_marker = fail_marker
 
     async def generate_group(self, item: dict[str, Any], *, group_id: str, group_size: int) -> list[dict[str, Any]]:
         _crash_once(self.crash_marker)
+        if self.fail_marker and not Path(self.fail_marker).exists():
+            Path(self.fail_marker).write_text(group_id)
+            raise RuntimeError(f"injected failure in generate_group({group_id})")
         return await super().generate_group(item, group_id=group_id, group_size=group_size)
 
 

@@ -49,7 +49,7 @@ from omegaconf import DictConfig, OmegaConf
 from tepo_ray.config import save_resolved, validate_resources
 from tepo_ray.data.world import PreparedData, prepare_data
 from tepo_ray.metrics import K, MetricsLogger, plot_run
-from tepo_ray.records import Trajectory
+from tepo_ray.records import RecordError, Trajectory
 from tepo_ray.topology import TopologyPlan, plan_topology
 
 __all__ = ["Driver", "train"]
@@ -67,6 +67,8 @@ def resolve_run_dir(cfg: DictConfig, resume: str | None) -> Path:
         return Path(cfg.logging.run_dir)
     return Path("runs") / f"{cfg.logging.name}-{_now_tag()}"
 
+
+MAX_GROUP_ATTEMPTS = 3  # a prompt whose group fails this often is skipped (counted), not retried forever
 
 # Keep actor logs readable: engines and loaders are chatty at INFO.
 QUIET_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -114,7 +116,6 @@ class _Group:
     item_index: int
     admitted_at: int  # learner version at admission
     trajectories: list[Trajectory] = field(default_factory=list)
-    attempts: int = 0
 
     @property
     def behaviour_version(self) -> int:
@@ -141,6 +142,8 @@ class Driver:
         self.cursor = 0  # next train item index to admit
         self.requeue: collections.deque[int] = collections.deque()  # item indices to admit first (retries, resume)
         self.counters = collections.Counter()
+        self.attempts: dict[int, int] = {}  # item index -> failed attempts
+        self.recovering: dict[tuple[str, int], tuple[Any, float]] = {}  # (role, index) -> (ready ref, since)
         self.weight_paths: dict[int, str] = {0: assets.model_path}
         self.generator_cls = generator_cls
         self.generator_kwargs = dict(generator_kwargs or {})
@@ -263,55 +266,67 @@ class Driver:
             self.cursor += 1
             return idx
 
+        to_score: list[_Group] = []  # generated, waiting for a live scorer
         while self.step < cfg.trainer.steps:
+            self._poll_recovering()
             # ---- admission (staleness bound + in-flight cap)
-            live = len(gen_inflight) + len(score_inflight) + len(buffer) + len(train_batch)
+            live = len(gen_inflight) + len(to_score) + len(score_inflight) + len(buffer) + len(train_batch)
             # AReaL-style: groups trained so far + groups alive may not exceed (v + s + 1) batches, so
             # everything alive can be trained within s versions. Dropped groups free their slot.
             cap = min((self.version + s + 1) * B, cfg.trainer.steps * B)
             while len(gen_inflight) < cfg.async_.max_inflight_groups and self.step * B + live < cap:
-                idx = next_item_index()
-                if idx is None:
+                gi = self._pick("generator", rr_gen)
+                if gi is None:  # every generator is restarting
                     break
+                idx = next_item_index()
                 item = items[idx % len(items)]
                 group = _Group(group_id=f"s{self.step}-i{idx}-{uuid.uuid4().hex[:6]}", item=item, item_index=idx,
                                admitted_at=self.version)
-                gi = rr_gen % len(self.generators)
-                rr_gen += 1
+                rr_gen = gi + 1
                 ref = self.generators[gi].generate_group.remote(item, group_id=group.group_id, group_size=G)
                 gen_inflight[ref] = (group, gi)
                 self.counters[K.ADMITTED] += 1
                 live += 1
 
+            # ---- scoring with the behaviour version's weights
+            while to_score:
+                si = self._pick("scorer", rr_score)
+                if si is None:
+                    break
+                rr_score = si + 1
+                group = to_score.pop(0)
+                bv = group.behaviour_version
+                known = bv in self.weight_paths
+                sref = self.scorers[si].score.remote(  # unknown versions are found in run_dir/weights
+                    [t.to_dict() for t in group.trajectories],
+                    weights_path=self.weight_paths[bv] if known else None, version=bv if known else None)
+                score_inflight[sref] = (group, si)
+
             # ---- wait for anything to finish
             waitables = list(gen_inflight) + list(score_inflight) + ([train_ref] if train_ref is not None else [])
-            done, _ = ray.wait(waitables, num_returns=1, timeout=1.0)
+            done, _ = ray.wait(waitables, num_returns=1, timeout=1.0) if waitables else ([], [])
+            if not waitables:
+                time.sleep(0.2)  # only restarting actors: wait for them
             for ref in done:
                 if ref in gen_inflight:
                     group, gi = gen_inflight.pop(ref)
-                    try:
-                        group.trajectories = [Trajectory.from_dict(d).validate() for d in ray.get(ref)]
-                    except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError,
-                            ray.exceptions.ActorUnavailableError) as exc:
-                        self._retry(group, f"generator-{gi} died ({type(exc).__name__})")
-                        self._resend_weights(self.generators[gi])
+                    trajs, died = self._fetch(ref, group, role="generator", index=gi)
+                    if trajs is None:
+                        if died:  # not the prompt's fault: generate it again, no attempt counted
+                            self.counters[K.RETRIED_GROUPS] += 1
+                            self.requeue.appendleft(group.item_index)
                         continue
-                    si = rr_score % len(self.scorers)
-                    rr_score += 1
-                    bv = group.behaviour_version
-                    known = bv in self.weight_paths
-                    sref = self.scorers[si].score.remote(  # unknown versions are found in run_dir/weights
-                        [t.to_dict() for t in group.trajectories],
-                        weights_path=self.weight_paths[bv] if known else None, version=bv if known else None)
-                    score_inflight[sref] = (group, si)
+                    group.trajectories = trajs
+                    to_score.append(group)
                 elif ref in score_inflight:
                     group, si = score_inflight.pop(ref)
-                    try:
-                        group.trajectories = [Trajectory.from_dict(d).validate() for d in ray.get(ref)]
-                    except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError,
-                            ray.exceptions.ActorUnavailableError) as exc:
-                        self._retry(group, f"scorer-{si} died ({type(exc).__name__})")
+                    scored, died = self._fetch(ref, group, role="scorer", index=si)
+                    if scored is None:
+                        if died:  # keep the generated trajectories; score them on a live scorer
+                            self.counters[K.RETRIED_GROUPS] += 1
+                            to_score.append(group)
                         continue
+                    group.trajectories = scored
                     buffer.append(group)
                 elif ref is train_ref:
                     metrics, path, version = ray.get(train_ref)
@@ -333,7 +348,8 @@ class Driver:
                     if cfg.trainer.checkpoint_interval and (
                         self.step % cfg.trainer.checkpoint_interval == 0 or self.step == cfg.trainer.steps
                     ):
-                        pending = [g.item_index for g in buffer] + [g.item_index for g, _ in gen_inflight.values()] \
+                        pending = [g.item_index for g in buffer + to_score] \
+                            + [g.item_index for g, _ in gen_inflight.values()] \
                             + [g.item_index for g, _ in score_inflight.values()]
                         ray.get(self.learner.save_checkpoint.remote(self._checkpoint_extra(pending)))
 
@@ -370,12 +386,72 @@ class Driver:
         return summary
 
     # ---------------------------------------------------------------- pieces
+    def _fetch(self, ref: Any, group: _Group, *, role: str, index: int) -> tuple[list[Trajectory] | None, bool]:
+        """(trajectories, died) of a finished generation/scoring task.
+
+        A dead actor (Ray restarts it) returns (None, True): the caller re-submits the work once the
+        actor is back (`_poll_recovering`), without counting an attempt against the prompt. A task
+        that raised re-queues its prompt; a prompt failing `MAX_GROUP_ATTEMPTS` times is skipped and
+        counted, so one bad prompt never stops a long run.
+        """
+        import ray
+
+        who = f"{role}-{index}"
+        try:
+            return [Trajectory.from_dict(d).validate() for d in ray.get(ref)], False
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            self.counters[K.RESTARTS] += 1 if (role, index) not in self.recovering else 0
+            self._mark_recovering(role, index)
+            print(f"[tepo-ray] {who} unavailable ({type(exc).__name__}); group {group.group_id} will be retried")
+            return None, True
+        except (ray.exceptions.RayTaskError, RecordError) as exc:
+            self._retry(group, f"{who} failed: {str(exc).splitlines()[0][:300]}")
+            return None, False
+
+    def _actors(self, role: str) -> list[Any]:
+        return self.generators if role == "generator" else self.scorers
+
+    def _pick(self, role: str, start: int) -> int | None:
+        """The next actor of `role` (round robin from `start`) that is not restarting."""
+        n = len(self._actors(role))
+        for k in range(n):
+            i = (start + k) % n
+            if (role, i) not in self.recovering:
+                return i
+        return None
+
+    def _mark_recovering(self, role: str, index: int) -> None:
+        if (role, index) not in self.recovering:
+            self.recovering[(role, index)] = (self._actors(role)[index].ready.remote(), time.monotonic())
+
+    def _poll_recovering(self) -> None:
+        """Bring restarted actors back into rotation; a generator gets the current weights first."""
+        import ray
+
+        for (role, index), (ref, since) in list(self.recovering.items()):
+            done, _ = ray.wait([ref], timeout=0)
+            if not done:
+                continue
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError:  # still restarting: ask again a little later
+                if time.monotonic() - since > 0.5:
+                    self.recovering[(role, index)] = (self._actors(role)[index].ready.remote(), time.monotonic())
+                continue
+            del self.recovering[(role, index)]
+            if role == "generator":
+                self._resend_weights(self.generators[index])
+            print(f"[tepo-ray] {role}-{index} is back")
+
     def _retry(self, group: _Group, why: str) -> None:
-        group.attempts += 1
+        attempts = self.attempts[group.item_index] = self.attempts.get(group.item_index, 0) + 1
+        if attempts >= MAX_GROUP_ATTEMPTS:
+            self.counters[K.FAILED_GROUPS] += 1
+            print(f"[tepo-ray] {why}; prompt {group.item_index} skipped after {attempts} attempts")
+            return
         self.counters[K.RETRIED_GROUPS] += 1
-        self.counters[K.RESTARTS] += 1
         self.requeue.appendleft(group.item_index)
-        print(f"[tepo-ray] {why}; group {group.group_id} re-queued (attempt {group.attempts})")
+        print(f"[tepo-ray] {why}; group {group.group_id} re-queued (attempt {attempts + 1})")
 
     def _resend_weights(self, actor: Any) -> None:
         v = max(self.weight_paths)
@@ -401,6 +477,7 @@ class Driver:
         rec[K.ITEMS] = sorted(g.item_index for g in batch)
         rec[K.RESTARTS] = self.counters[K.RESTARTS]
         rec[K.RETRIED_GROUPS] = self.counters[K.RETRIED_GROUPS]
+        rec[K.FAILED_GROUPS] = self.counters[K.FAILED_GROUPS]
         rec[K.TIME_STEP] = step_time
         rec[K.CALLS] = sum(t.num_calls for t in trajs) / len(trajs)
         for tool in ("python", "search"):

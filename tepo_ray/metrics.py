@@ -52,6 +52,7 @@ class K:
     RESPONSE_LEN = "rollout/response_tokens"
     RESTARTS = "faults/actor_restarts_total"
     RETRIED_GROUPS = "faults/groups_retried_total"
+    FAILED_GROUPS = "faults/groups_skipped_total"  # prompts skipped after MAX_GROUP_ATTEMPTS failures
     WALL = "time/wall_s"
 
 

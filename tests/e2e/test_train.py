@@ -105,15 +105,17 @@ def test_killed_generator_and_scorer_are_restarted(tiny_overrides, tmp_path):
     from actors.faults import FaultInjectingGenerationWorker, FaultInjectingScorerWorker
 
     gen_marker = tmp_path / "generator-crashed"
+    fail_marker = tmp_path / "generator-raised"
     scorer_marker = tmp_path / "scorer-crashed"
     cfg = _cfg(tiny_overrides, tmp_path, "engine.name=hf", "async.max_staleness=1", "trainer.steps=3",
                "trainer.checkpoint_interval=0")
     summary = _train(cfg, generator_cls=FaultInjectingGenerationWorker,
-                     generator_kwargs={"crash_marker": str(gen_marker)},
+                     generator_kwargs={"crash_marker": str(gen_marker), "fail_marker": str(fail_marker)},
                      scorer_cls=FaultInjectingScorerWorker, scorer_kwargs={"crash_marker": str(scorer_marker)})
-    assert gen_marker.exists() and scorer_marker.exists(), "the injected faults did not fire"
+    assert gen_marker.exists() and fail_marker.exists() and scorer_marker.exists(), "injected faults did not fire"
     recs = _check_run(summary, steps=3, bound=1)
-    assert recs[-1][K.RETRIED_GROUPS] >= 2  # one group from each crash was re-queued, not lost
+    assert recs[-1][K.RETRIED_GROUPS] >= 3  # the groups of both crashes and of the raised task were re-queued
+    assert recs[-1][K.RESTARTS] >= 2 and recs[-1][K.FAILED_GROUPS] == 0
     summary_file = json.loads((Path(summary["run_dir"]) / "summary.json").read_text())
     assert summary_file["steps"] == 3
 
