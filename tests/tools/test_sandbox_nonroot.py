@@ -75,7 +75,33 @@ _HOST = textwrap.dedent("""
 """)
 
 
+def _stage_sandbox_package() -> str:
+    """A world-readable copy of the (standard-library-only) sandbox modules for the uid-65534 host:
+    the checkout itself may sit in a 0700 directory (e.g. a fresh clone under mktemp -d)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import tepo_ray.tools.python_sandbox as sandbox_mod
+
+    src = Path(sandbox_mod.__file__).resolve().parent  # tepo_ray/tools
+    stage = Path(tempfile.mkdtemp(prefix="tepo-nonroot-"))
+    (stage / "tepo_ray" / "tools").mkdir(parents=True)
+    (stage / "tepo_ray" / "__init__.py").write_text("")
+    (stage / "tepo_ray" / "tools" / "__init__.py").write_text("")
+    for name in ("python_sandbox.py", "sandbox_worker.py"):
+        shutil.copy(src / name, stage / "tepo_ray" / "tools" / name)
+    for d, _, files in os.walk(stage):
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o644)
+    return str(stage)
+
+
 def test_unprivileged_host():
+    import shutil
+
+    stage = _stage_sandbox_package()
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(4)
@@ -83,13 +109,15 @@ def test_unprivileged_host():
     try:
         proc = subprocess.run(
             [sys.executable, "-c", _LAUNCHER, _HOST, str(srv.getsockname()[1])],
-            capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            capture_output=True, text=True, timeout=120,
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": stage},
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         with pytest.raises(socket.timeout):
             srv.accept()
     finally:
         srv.close()
+        shutil.rmtree(stage, ignore_errors=True)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     info = out["info"]
     assert (info["drop_privileges"], info["mount_isolation"], info["uid"]) == (False, False, None)
