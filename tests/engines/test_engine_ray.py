@@ -43,7 +43,10 @@ def test_vllm_engine_in_ray_actor_syncs_weights(learner_state: LearnerState, num
     from tepo_ray.engines import GenerationRequest
 
     ls = learner_state
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    own = not ray.is_initialized()  # reuse a session's Ray (other tests' fixtures) if one is up
+    if own:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    host = None
     try:
         host = ray.remote(num_cpus=num_cpus)(_engine_host_class(ENGINE_TEST_CFG)).remote(ls.model_dir)
         assert ray.get(host.ready.remote(), timeout=300)
@@ -56,4 +59,7 @@ def test_vllm_engine_in_ray_actor_syncs_weights(learner_state: LearnerState, num
         assert all(o.token_ids == ls.ids(PYTHON_TARGET) and o.finish_reason == "stop" for o in outs)
         ray.get(host.shutdown.remote())
     finally:
-        ray.shutdown()
+        if host is not None:
+            ray.kill(host)
+        if own:
+            ray.shutdown()
