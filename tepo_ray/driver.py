@@ -259,7 +259,7 @@ class Driver:
         display = _Progress(enabled=cfg.logging.progress, total=cfg.trainer.steps, start=self.step)
         items = self.assets.train_items
 
-        def next_item_index() -> int | None:
+        def next_item_index() -> int:
             if self.requeue:
                 return self.requeue.popleft()
             idx = self.cursor

@@ -25,9 +25,9 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Protocol
 
-from tepo_ray.agent import AnswerAction, Malformed, NoAction, ToolAction, format_observation, parse_turn
+from tepo_ray.agent import AnswerAction, Malformed, ToolAction, format_observation, parse_turn
 from tepo_ray.data.tasks import render_prompt
 from tepo_ray.records import Segment, ToolCall, Trajectory
 
@@ -254,6 +254,3 @@ class CallableToolRouter:
             res = await res
         return res  # type: ignore[return-value]
 
-
-def group_ids(prefix: str, items: Sequence[dict[str, Any]]) -> list[str]:
-    return [f"{prefix}-{it['id']}" for it in items]

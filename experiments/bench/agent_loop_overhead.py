@@ -56,23 +56,9 @@ import concurrent.futures
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-TINY = [
-    "model.hidden_size=128",
-    "model.num_heads=2",
-    "model.num_kv_heads=1",
-    "model.num_layers=2",
-    "model.intermediate_size=256",
-    "model.vocab_size=384",
-    "data.num_train=256",
-    "trainer.sft_steps=150",
-    "trainer.sft_batch_size=32",
-    "logging.progress=false",
-    "logging.wandb_mode=disabled",
-]
+from experiments.bench.tiny_model import DEMO, TINY
 
 
 class CallRecorder:

@@ -49,23 +49,10 @@ from typing import Any
 from tepo_ray.config import load_config
 from tepo_ray.metrics import K, read_metrics
 
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-# The tiny model + SFT warm start the e2e tests and notes use (cached under model.cache_dir).
-TINY = [
-    "model.hidden_size=128",
-    "model.num_heads=2",
-    "model.num_kv_heads=1",
-    "model.num_layers=2",
-    "model.intermediate_size=256",
-    "model.vocab_size=384",
-    "data.num_train=256",
-    "trainer.sft_steps=150",
-    "trainer.sft_batch_size=32",
-    "logging.progress=false",
-    "logging.wandb_mode=disabled",
-    "trainer.checkpoint_interval=0",
-    "engine.name=hf",
-]
+from experiments.bench.tiny_model import DEMO
+from experiments.bench.tiny_model import TINY as _TINY
+
+TINY = [*_TINY, "trainer.checkpoint_interval=0", "engine.name=hf"]
 T_TRAIN_KEY = "learner/step_time_s"
 
 
