@@ -200,5 +200,5 @@ def test_cli_query_without_index_is_a_clear_error(tmp_path) -> None:
 
 def test_cli_unknown_backend(tmp_path) -> None:
     path, _ = _corpus(tmp_path, n=10)
-    res = _run([*CLI, "build", str(path), "--out", str(tmp_path / "ix"), "--backend", "faiss"], cwd=tmp_path)
-    assert res.returncode == 2 and "valid: ['bm25', 'chroma']" in res.stderr
+    res = _run([*CLI, "build", str(path), "--out", str(tmp_path / "ix"), "--backend", "annoy"], cwd=tmp_path)
+    assert res.returncode == 2 and "valid: ['bm25', 'chroma', 'faiss']" in res.stderr

@@ -8,7 +8,8 @@
 Backends are registered by name (`BackendName`: bm25, chroma); `register_backend` adds one.
 """
 
-from tepo_ray.tools.retrieval.base import (NO_RESULTS, BackendName, Hit, IndexBuildError, IndexNotFoundError,
+from tepo_ray.tools.retrieval.base import (NO_RESULTS, BackendName, Hit, IndexBuildError, IndexCorruptError,
+                                           IndexNotFoundError,
                                            Retriever, format_hits, get_backend, open_retriever, read_manifest,
                                            register_backend)
 from tepo_ray.tools.retrieval.build import BadLine, BatchEvent, BuildReport, build_index
@@ -22,6 +23,7 @@ __all__ = [
     "ChromaRetriever",
     "Hit",
     "IndexBuildError",
+    "IndexCorruptError",
     "IndexNotFoundError",
     "NO_RESULTS",
     "Retriever",

@@ -25,6 +25,7 @@ __all__ = [
     "Retriever",
     "IndexNotFoundError",
     "IndexBuildError",
+    "IndexCorruptError",
     "MANIFEST_NAME",
     "STORE_NAME",
     "read_manifest",
@@ -51,6 +52,10 @@ class BackendName(str, enum.Enum):
 
 class IndexNotFoundError(FileNotFoundError):
     """The directory holds no finished index (no manifest); the message says how to build one."""
+
+
+class IndexCorruptError(IndexNotFoundError):
+    """An index file is there but unreadable or inconsistent (truncated, half-written, wrong shape)."""
 
 
 class IndexBuildError(RuntimeError):

@@ -1,12 +1,14 @@
-"""BM25 backend (default): bm25s builds the index, a small kernel scores queries.
+"""BM25 backend (default): a sharded, bounded-memory build and a small kernel that scores queries.
 
-Index layout (``<index_dir>/bm25/``): bm25s's saved CSC score matrix (``data``, ``indices``,
-``indptr`` .npy, loaded memory-mapped so search workers on one machine share pages), its vocab,
-``rowids.npy`` (matrix column -> store.sqlite rowid) and ``tokenizer.json``.
+Index layout (``<index_dir>/bm25/``, written by `tepo_ray.tools.retrieval.bm25_build`): the CSC
+score matrix (``data``/``indices``/``indptr`` .npy, bm25s's file names and dtypes), the sorted
+64-bit hashes of the vocabulary (``vocab_hashes.npy``: term id = position), ``rowids.npy``
+(matrix doc -> store.sqlite rowid), ``params.json`` and ``tokenizer.json``. All arrays are
+loaded memory-mapped, so search workers on one machine share one copy of the index.
 
-bm25s builds in one shot, so "resumable" means the corpus is streamed into store.sqlite batch by
-batch (see `build.build_index`) and `BM25Writer.finalize` (re)builds the whole matrix from the
-store at the end, swapping the new directory in atomically.
+Resumable at two levels: the corpus is streamed into store.sqlite batch by batch (see
+`build.build_index`), then `BM25Writer.finalize` builds shards of the store (a killed build keeps
+its finished shards) and merges them, swapping the new directory in atomically.
 
 Scoring (Lucene BM25, k1=1.5, b=0.75, precomputed per (term, doc) by bm25s): for a query with
 tokens t_1..t_m, ``score(d) = Σ_j S[t_j, d]``; the top-k of the documents with score > 0 are
@@ -28,8 +30,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from tepo_ray.data.corpus import parse_contents
-from tepo_ray.tools.retrieval.base import (STORE_NAME, BackendName, Hit, IndexNotFoundError, Retriever,
-                                           register_backend)
+from tepo_ray.tools.retrieval.base import (STORE_NAME, BackendName, Hit, IndexCorruptError, IndexNotFoundError,
+                                           Retriever, register_backend)
+from tepo_ray.tools.retrieval.bm25_build import (DEFAULT_BLOCK_POSTINGS, DEFAULT_SHARD_DOCS, build_sharded,
+                                                 term_hashes)
 from tepo_ray.tools.retrieval.store import DocStore
 
 __all__ = ["BM25Retriever", "BM25Writer", "tokenize", "TOKENIZER_SPEC", "numba_available"]
@@ -158,63 +162,60 @@ def _topk_numpy(q_ptr: np.ndarray, q_tok: np.ndarray, data: np.ndarray, indices:
 
 # --------------------------------------------------------------------------- writer
 class BM25Writer:
-    """Builds ``<out_dir>/bm25`` from the docs in store.sqlite (see module docstring)."""
+    """Builds ``<out_dir>/bm25`` from the docs in store.sqlite with the sharded, bounded-memory
+    build of `tepo_ray.tools.retrieval.bm25_build` (shards kept in ``<out_dir>/bm25.shards`` until
+    the new matrix is swapped in, so a killed build resumes at the first unfinished shard).
 
-    def __init__(self, out_dir: Path, *, embedding_model: str | None = None) -> None:
+    ``shard_docs``: documents per shard (peak build memory grows with it: ~1 GB per 100k docs of
+    ~100 words); ``block_postings``: postings held in memory per merge block.
+    """
+
+    def __init__(self, out_dir: Path, *, embedding_model: str | None = None,
+                 shard_docs: int = DEFAULT_SHARD_DOCS, block_postings: int = DEFAULT_BLOCK_POSTINGS) -> None:
         if embedding_model is not None:
-            raise ValueError("--embedding-model applies to the chroma backend only, not bm25")
+            raise ValueError("--embedding-model applies to the dense backends (chroma, faiss) only, not bm25")
+        for name, v in (("shard_docs", shard_docs), ("block_postings", block_postings)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"bm25 writer option {name} must be an int >= 1, got {v!r}")
         self.out_dir = Path(out_dir)
+        self.shard_docs = shard_docs
+        self.block_postings = block_postings
+        self.on_shard: Any = None  # test hook: called with the shard index after each shard is saved
+        self.last_build: dict | None = None
 
     def add(self, docs: Sequence[dict]) -> None:
         """Nothing to do per batch: the store is the intermediate; the matrix is built in `finalize`."""
 
     def finalize(self, store: DocStore, *, progress: Any = None) -> bool:
         """(Re)build the matrix when the store has docs the current matrix lacks. Returns whether it built."""
-        import bm25s
-
         n = store.count()
         final = self.out_dir / BM25_DIR
         if final.is_dir() and store.get_meta("bm25_indexed_count") == str(n):
             return False
-        task = progress.add_task("bm25: tokenize", total=n, stats=f"{n} docs") if progress is not None else None
-        vocab: dict[str, int] = {}
-        corpus_ids: list[list[int]] = []
-        rowids = np.empty(n, dtype=np.int64)
-        i = 0
-        for rowid, _doc_id, contents in store.iter_docs():
-            row = []
-            for tok in tokenize(contents):
-                t = vocab.get(tok)
-                if t is None:
-                    t = vocab[tok] = len(vocab)
-                row.append(t)
-            corpus_ids.append(row)
-            rowids[i] = rowid
-            i += 1
-            if task is not None and i % 5000 == 0:
-                progress.update(task, completed=i)
-        assert i == n, (i, n)
-        if progress is not None:
-            progress.update(task, completed=n, description="bm25: build matrix")
-        if not vocab:  # every doc was stopwords only; bm25s needs one term
-            vocab[""] = 0
-        model = bm25s.BM25()
-        model.index((corpus_ids, vocab), create_empty_token=False, show_progress=False)
-        del corpus_ids
+        task = progress.add_task("bm25: shards + merge", total=1.0, stats=f"{n} docs") if progress is not None else None
+
+        def report(phase: str, frac: float) -> None:
+            if task is not None:
+                progress.update(task, completed=frac, description=f"bm25: {phase}")
+
+        def docs(after: int):
+            return ((rowid, contents) for rowid, _id, contents in store.iter_docs(after_rowid=after))
+
         tmp = self.out_dir / (BM25_DIR + ".new")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save(str(tmp), show_progress=False)
-        np.save(tmp / "rowids.npy", rowids)
+        self.last_build = build_sharded(docs, num_docs=n, work_dir=self.out_dir / (BM25_DIR + ".shards"), out_dir=tmp,
+                                        tokenize=tokenize, shard_docs=self.shard_docs,
+                                        block_postings=self.block_postings, progress=report, on_shard=self.on_shard)
         (tmp / "tokenizer.json").write_text(json.dumps(TOKENIZER_SPEC, indent=2))
         old = self.out_dir / (BM25_DIR + ".old")
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
-            os.replace(final, old)
+            os.replace(final, old)  # open retrievers keep their mapped (now unlinked) files
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
         store.set_meta({"bm25_indexed_count": n})
-        if progress is not None:
-            progress.update(task, description="bm25: done")
+        shutil.rmtree(self.out_dir / (BM25_DIR + ".shards"), ignore_errors=True)
+        report("done", 1.0)
         return True
 
     def manifest_extra(self) -> dict:
@@ -225,8 +226,23 @@ class BM25Writer:
 
 
 # --------------------------------------------------------------------------- retriever
+def _load_npy(path: Path, index_dir: Path) -> np.ndarray:
+    if not path.is_file():
+        raise IndexNotFoundError(f"{path} is missing: the bm25 index in {index_dir} is incomplete or was built by an "
+                                 f"older version; rebuild with `tepo-ray index build CORPUS.jsonl --out {index_dir}`")
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:
+        raise IndexCorruptError(f"{path} is corrupt ({e}); rebuild the index into a fresh directory") from e
+
+
 class BM25Retriever(Retriever):
     """Searches a bm25 index directory. ``scorer``: "auto" (numba if it imports), "numba" or "numpy".
+
+    Every array (matrix, vocabulary hashes, rowids) is a memory-mapped .npy: search workers on one
+    machine share one copy of the index in the page cache, and a worker's own memory is the doc
+    store connection, a [num_docs] float64 scores buffer and the scorer. ``preload`` touches every
+    page at open (first queries are then as fast as later ones; the pages stay shared).
 
     ``num_threads`` > 1 splits a batch of queries over that many threads (the numba kernel runs
     without the GIL); keep 1 in a search worker that owns one CPU.
@@ -239,28 +255,40 @@ class BM25Retriever(Retriever):
 
     def __init__(self, index_dir: str | os.PathLike, *, manifest: dict | None = None,
                  embedding_model: str | os.PathLike | None = None, scorer: str = "auto",
-                 num_threads: int = 1) -> None:
-        import bm25s
-
+                 num_threads: int = 1, preload: bool = False) -> None:
         self.index_dir = Path(index_dir)
         bm25_dir = self.index_dir / BM25_DIR
-        if not (bm25_dir / "rowids.npy").is_file():
+        if not (bm25_dir / "tokenizer.json").is_file():
             raise IndexNotFoundError(f"{bm25_dir} is missing or incomplete; rebuild with "
                                      f"`tepo-ray index build CORPUS.jsonl --out {self.index_dir}`")
         spec = json.loads((bm25_dir / "tokenizer.json").read_text())
         if spec != TOKENIZER_SPEC:
             raise IndexNotFoundError(f"{bm25_dir} was tokenized with {spec}, this code uses {TOKENIZER_SPEC}; "
                                      "rebuild the index into a fresh directory")
-        model = bm25s.BM25.load(str(bm25_dir), mmap=True, load_vocab=True, show_progress=False)
-        self._vocab: dict[str, int] = model.vocab_dict
-        self._data = np.asarray(model.scores["data"], dtype=np.float32)
-        self._indices = np.asarray(model.scores["indices"])
-        self._indptr = np.asarray(model.scores["indptr"])
-        self._num_docs = int(model.scores["num_docs"])
-        self._rowids = np.load(bm25_dir / "rowids.npy", mmap_mode="r")
-        if self._rowids.shape[0] != self._num_docs:
-            raise IndexNotFoundError(f"{bm25_dir}: rowids.npy has {self._rowids.shape[0]} entries for "
-                                     f"{self._num_docs} documents; rebuild the index")
+        self._data = _load_npy(bm25_dir / "data.csc.index.npy", self.index_dir)  # [nnz] float32
+        self._indices = _load_npy(bm25_dir / "indices.csc.index.npy", self.index_dir)  # [nnz] int32
+        self._indptr = _load_npy(bm25_dir / "indptr.csc.index.npy", self.index_dir)  # [V+1] int64
+        self._vocab = _load_npy(bm25_dir / "vocab_hashes.npy", self.index_dir)  # [V] uint64 sorted
+        self._rowids = _load_npy(bm25_dir / "rowids.npy", self.index_dir)  # [N] int64
+        try:
+            params = json.loads((bm25_dir / "params.json").read_text())
+            self._num_docs = int(params["num_docs"])
+        except (OSError, ValueError, KeyError) as e:
+            raise IndexCorruptError(f"{bm25_dir / 'params.json'} is missing or corrupt ({e}); rebuild the index") from e
+        nnz = int(self._indptr[-1]) if self._indptr.shape[0] else -1
+        checks = [(self._data.shape == (nnz,), f"data.csc.index.npy has {self._data.shape} values, indptr ends at {nnz}"),
+                  (self._indices.shape == (nnz,), f"indices.csc.index.npy has {self._indices.shape}, expected ({nnz},)"),
+                  (self._indptr.shape == (self._vocab.shape[0] + 1,),
+                   f"indptr has {self._indptr.shape[0]} entries for {self._vocab.shape[0]} terms"),
+                  (self._rowids.shape == (self._num_docs,),
+                   f"rowids.npy has {self._rowids.shape[0]} entries for {self._num_docs} documents")]
+        for ok, what in checks:
+            if not ok:
+                raise IndexCorruptError(f"{bm25_dir}: {what}; the index is corrupt or half-written: rebuild it")
+        if preload:
+            for arr in (self._data, self._indices, self._indptr, self._vocab, self._rowids):
+                if arr.size:
+                    int(arr.reshape(-1).view(np.uint8)[::4096].sum())  # one read per page
         self._store = DocStore(self.index_dir / STORE_NAME, readonly=True)
         if scorer == "auto":
             scorer = "numba" if numba_available() else "numpy"
@@ -280,8 +308,23 @@ class BM25Retriever(Retriever):
 
     def query_token_ids(self, query: str) -> list[int]:
         """Vocabulary ids of the query's tokens (unknown tokens dropped)."""
-        v = self._vocab
-        return [v[t] for t in tokenize(query) if t in v]
+        return self._token_ids([query])[0]
+
+    def _token_ids(self, queries: Sequence[str]) -> list[list[int]]:
+        """Term ids per query: one vectorised lookup of all tokens' hashes in the sorted vocabulary."""
+        toks = [tokenize(q) for q in queries]
+        flat = [t for ts in toks for t in ts]
+        if not flat or self._vocab.shape[0] == 0:
+            return [[] for _ in queries]
+        h = term_hashes(flat)  # [T]
+        pos = np.searchsorted(self._vocab, h)  # [T]
+        pos[pos == self._vocab.shape[0]] = 0
+        ok = self._vocab[pos] == h
+        out, i = [], 0
+        for ts in toks:
+            out.append([int(p) for p, good in zip(pos[i:i + len(ts)], ok[i:i + len(ts)]) if good])
+            i += len(ts)
+        return out
 
     def _topk(self, token_ids: Sequence[Sequence[int]], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Matrix indices [B, k] (-1 = no hit) and scores [B, k] for B tokenized queries."""
@@ -303,7 +346,7 @@ class BM25Retriever(Retriever):
 
     def _search(self, queries: list[str], *, top_k: int) -> list[list[Hit]]:
         k = min(top_k, self._num_docs)
-        idx, score = self._topk([self.query_token_ids(q) for q in queries], k)  # [B, k], [B, k]
+        idx, score = self._topk(self._token_ids(queries), k)  # [B, k], [B, k]
         found = idx >= 0
         rowid_of = np.zeros_like(idx)
         rowid_of[found] = self._rowids[idx[found]]

@@ -123,12 +123,15 @@ def _make_progress(enabled: bool) -> Any:
 def build_index(corpus_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                 backend: str | BackendName = BackendName.BM25, batch_size: int = DEFAULT_BATCH_SIZE,
                 progress: bool = True, embedding_model: str | os.PathLike | None = None,
-                on_batch: Callable[[BatchEvent], None] | None = None) -> BuildReport:
+                on_batch: Callable[[BatchEvent], None] | None = None,
+                writer_options: dict[str, Any] | None = None) -> BuildReport:
     """Build (or resume, or top up) the index of ``corpus_path`` in ``out_dir``; see the module docstring.
 
     ``batch_size``: corpus lines per committed batch. ``embedding_model``: chroma only, a local
     sentence-transformers directory (default: the packaged all-MiniLM-L6-v2). ``on_batch``: called
     with a `BatchEvent` before and after each batch commit (progress hooks, fault injection in tests).
+    ``writer_options``: backend-specific keyword arguments of its writer (bm25: ``shard_docs``,
+    ``block_postings``; faiss: ``index_type``, ``batch_size``, ...); an unknown one fails naming it.
     Raises FileNotFoundError for a missing corpus, `IndexBuildError` when the corpus has no valid
     document or differs from the one a previous run started on.
     """
@@ -148,14 +151,15 @@ def build_index(corpus_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         store = DocStore(out / STORE_NAME)
         try:
             return _build_locked(corpus, out, store, spec=spec, batch_size=batch_size, progress=progress,
-                                 embedding_model=embedding_model, on_batch=on_batch, t0=t0)
+                                 embedding_model=embedding_model, on_batch=on_batch, t0=t0,
+                                 writer_options=dict(writer_options or {}))
         finally:
             store.close()
 
 
 def _build_locked(corpus: Path, out: Path, store: DocStore, *, spec: Any, batch_size: int, progress: bool,
                   embedding_model: str | os.PathLike | None, on_batch: Callable[[BatchEvent], None] | None,
-                  t0: float) -> BuildReport:
+                  t0: float, writer_options: dict[str, Any]) -> BuildReport:
     existing = store.get_meta("backend")
     if existing is None:
         store.set_meta({"backend": spec.name})
@@ -163,7 +167,11 @@ def _build_locked(corpus: Path, out: Path, store: DocStore, *, spec: Any, batch_
         raise IndexBuildError(f"{out} holds a {existing!r} index, not {spec.name!r}; use another --out directory")
     size = corpus.stat().st_size
     _check_corpus_identity(store, corpus, size)
-    writer = spec.writer(out, embedding_model=None if embedding_model is None else str(embedding_model))
+    try:
+        writer = spec.writer(out, embedding_model=None if embedding_model is None else str(embedding_model),
+                             **writer_options)
+    except TypeError as e:
+        raise ValueError(f"backend {spec.name!r} does not take writer options {sorted(writer_options)}: {e}") from e
     config = json.dumps(writer.manifest_extra(), sort_keys=True)  # tokenizer / embedding model: must not change
     previous = store.get_meta("writer_config")
     if previous is None:

@@ -101,9 +101,9 @@ class DocStore:
         with self._lock:
             return int(self._conn.execute("SELECT COUNT(*) FROM bad_lines").fetchone()[0])
 
-    def iter_docs(self, *, chunk: int = 10_000) -> Iterator[tuple[int, str, str | None]]:
-        """(rowid, id, contents) in rowid (= ingestion) order, read in chunks."""
-        last = 0
+    def iter_docs(self, *, chunk: int = 10_000, after_rowid: int = 0) -> Iterator[tuple[int, str, str | None]]:
+        """(rowid, id, contents) in rowid (= ingestion) order from ``after_rowid`` + 1, read in chunks."""
+        last = after_rowid
         while True:
             with self._lock:
                 rows = self._conn.execute("SELECT rowid, id, contents FROM docs WHERE rowid > ? ORDER BY rowid LIMIT ?",
