@@ -189,11 +189,16 @@ class PythonToolWorker(ToolWorker):
 
 
 class SearchToolWorker(ToolWorker):
-    """Answers `<search>` queries from a local index (BM25 by default, or chroma).
+    """Answers `<search>` queries from a local index (BM25 by default, chroma or faiss).
 
     Observation: Search-R1's "Doc i(Title: ...) text" lines, each doc's text cut to
-    `tools.search.max_doc_chars`, the whole cut to `max_observation_chars`.
-    Retrievers are thread-safe, so concurrent calls share one.
+    `tools.search.max_doc_chars`, the whole cut to `max_observation_chars`; a blank query gets
+    "No results found.". Retrievers are thread-safe, so concurrent calls share one.
+
+    One index per node: bm25 and faiss indexes are memory-mapped read-only, so every search
+    worker on a machine shares one copy of the index in the page cache; a worker adds only its
+    own state (doc-store connection, scores buffer, query encoder for dense backends). The query
+    encoder runs on `tools.search.encoder_device` (a GPU is only needed if that says cuda).
     """
 
     tool = ToolKind.SEARCH.value
@@ -212,8 +217,14 @@ class SearchToolWorker(ToolWorker):
         self._top_k = int(cfg.top_k)
         self._doc_chars = int(cfg.max_doc_chars)
         self._max_chars = int(max_observation_chars)
+        options: dict[str, Any] = {}
+        if cfg.backend == "bm25":
+            options = {"preload": bool(cfg.preload)}
+        elif cfg.backend == "faiss":
+            options = {"preload": bool(cfg.preload), "device": cfg.encoder_device, "nprobe": int(cfg.faiss_nprobe),
+                       "ef_search": int(cfg.faiss_ef_search), "use_gpu": bool(cfg.faiss_use_gpu)}
         self._retriever = retrieval.open_retriever(
-            cfg.index_dir, backend=cfg.backend, embedding_model=cfg.embedding_model
+            cfg.index_dir, backend=cfg.backend, embedding_model=cfg.embedding_model, **options
         )
 
     def _run(self, argument: str, timeout_s: float) -> WorkerReply:

@@ -203,14 +203,24 @@ class SearchToolConfig:
     max_workers: int = 4
     autoscale: bool = False
     call_timeout_s: float = 5.0
-    backend: str = "bm25"  # bm25 | chroma
+    backend: str = "bm25"  # bm25 | chroma | faiss (docs/search.md: which at which corpus size)
     index_dir: Optional[str] = None  # built from data.corpus_path into the run cache when null
-    embedding_model: Optional[str] = None  # local sentence-transformers dir for chroma
+    embedding_model: Optional[str] = None  # local sentence-transformers dir for chroma / faiss
     top_k: int = 3
     max_doc_chars: int = 300
+    # Retriever options: preload = page the (memory-mapped, shared) index in when a worker starts;
+    # dense backends: the query encoder's device (cpu | cuda | cuda:N) and faiss's search knobs.
+    preload: bool = False
+    encoder_device: str = "cpu"
+    faiss_nprobe: int = 32
+    faiss_ef_search: int = 128
+    faiss_use_gpu: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.backend in ("bm25", "chroma"), "tools.search.backend", self.backend, "bm25|chroma")
+        _check(self.backend in ("bm25", "chroma", "faiss"), "tools.search.backend", self.backend,
+               "bm25|chroma|faiss")
+        _check(self.faiss_nprobe > 0, "tools.search.faiss_nprobe", self.faiss_nprobe, "> 0")
+        _check(self.faiss_ef_search > 0, "tools.search.faiss_ef_search", self.faiss_ef_search, "> 0")
         _check(self.top_k > 0, "tools.search.top_k", self.top_k, "> 0")
 
 

@@ -5,7 +5,7 @@
         hits = r.search(["founder of Zarkel Industries"], top_k=3)[0]
     observation = format_hits(hits, max_chars=300)       # the text the model sees
 
-Backends are registered by name (`BackendName`: bm25, chroma); `register_backend` adds one.
+Backends are registered by name (`BackendName`: bm25, chroma, faiss); `register_backend` adds one.
 """
 
 from tepo_ray.tools.retrieval.base import (NO_RESULTS, BackendName, Hit, IndexBuildError, IndexCorruptError,
@@ -21,6 +21,7 @@ __all__ = [
     "BuildReport",
     "BM25Retriever",
     "ChromaRetriever",
+    "FaissRetriever",
     "Hit",
     "IndexBuildError",
     "IndexCorruptError",
@@ -45,4 +46,8 @@ def __getattr__(name: str):  # the backends import bm25s / chromadb: load them o
         from tepo_ray.tools.retrieval.chroma import ChromaRetriever
 
         return ChromaRetriever
+    if name == "FaissRetriever":
+        from tepo_ray.tools.retrieval.dense_faiss import FaissRetriever
+
+        return FaissRetriever
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -48,6 +48,7 @@ class BackendName(str, enum.Enum):
 
     BM25 = "bm25"
     CHROMA = "chroma"
+    FAISS = "faiss"
 
 
 class IndexNotFoundError(FileNotFoundError):
@@ -160,7 +161,7 @@ def get_backend(name: str | BackendName) -> Backend:
 
 
 def _load_builtin_backends() -> None:
-    from tepo_ray.tools.retrieval import bm25, chroma  # noqa: F401  (they register themselves)
+    from tepo_ray.tools.retrieval import bm25, chroma, dense_faiss  # noqa: F401  (they register themselves)
 
 
 # --------------------------------------------------------------------------- manifest
@@ -195,12 +196,13 @@ def write_manifest(index_dir: str | os.PathLike, manifest: dict) -> None:
 
 
 def open_retriever(index_dir: str | os.PathLike, *, backend: str | BackendName | None = None,
-                   embedding_model: str | os.PathLike | None = None) -> Retriever:
+                   embedding_model: str | os.PathLike | None = None, **options: Any) -> Retriever:
     """Open the finished index in ``index_dir`` for searching.
 
     ``backend``: when given, must match the manifest (guards a config pointing at the wrong index).
     ``embedding_model``: dense backends only; a local sentence-transformers directory overriding the
-    one recorded at build time.
+    one recorded at build time. ``options``: the backend retriever's own keyword arguments (bm25:
+    ``preload``, ``num_threads``; faiss: ``device``, ``nprobe``, ``ef_search``, ``use_gpu``, ``preload``).
     """
     manifest = read_manifest(index_dir)
     if backend is not None:
@@ -209,8 +211,14 @@ def open_retriever(index_dir: str | os.PathLike, *, backend: str | BackendName |
             raise ValueError(f"index {index_dir} was built with backend {manifest['backend']!r}, "
                              f"but backend {want!r} was requested (tools.search.backend); rebuild it with "
                              f"--backend {want} or point tools.search.index_dir at a {want} index")
-    return get_backend(manifest["backend"]).retriever(Path(index_dir), manifest=manifest,
-                                                       embedding_model=embedding_model)
+    factory = get_backend(manifest["backend"]).retriever
+    try:
+        import inspect
+
+        inspect.signature(factory).bind(Path(index_dir), manifest=manifest, embedding_model=embedding_model, **options)
+    except TypeError as e:
+        raise ValueError(f"backend {manifest['backend']!r} does not take the options {sorted(options)}: {e}") from None
+    return factory(Path(index_dir), manifest=manifest, embedding_model=embedding_model, **options)
 
 
 # --------------------------------------------------------------------------- observation text

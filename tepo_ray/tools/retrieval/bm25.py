@@ -170,6 +170,8 @@ class BM25Writer:
     ~100 words); ``block_postings``: postings held in memory per merge block.
     """
 
+    on_shard: Any = None  # fault-injection hook (tests): called with the shard index after each shard is saved
+
     def __init__(self, out_dir: Path, *, embedding_model: str | None = None,
                  shard_docs: int = DEFAULT_SHARD_DOCS, block_postings: int = DEFAULT_BLOCK_POSTINGS) -> None:
         if embedding_model is not None:
@@ -180,7 +182,6 @@ class BM25Writer:
         self.out_dir = Path(out_dir)
         self.shard_docs = shard_docs
         self.block_postings = block_postings
-        self.on_shard: Any = None  # test hook: called with the shard index after each shard is saved
         self.last_build: dict | None = None
 
     def add(self, docs: Sequence[dict]) -> None:
@@ -205,7 +206,7 @@ class BM25Writer:
         shutil.rmtree(tmp, ignore_errors=True)
         self.last_build = build_sharded(docs, num_docs=n, work_dir=self.out_dir / (BM25_DIR + ".shards"), out_dir=tmp,
                                         tokenize=tokenize, shard_docs=self.shard_docs,
-                                        block_postings=self.block_postings, progress=report, on_shard=self.on_shard)
+                                        block_postings=self.block_postings, progress=report, on_shard=type(self).on_shard)
         (tmp / "tokenizer.json").write_text(json.dumps(TOKENIZER_SPEC, indent=2))
         old = self.out_dir / (BM25_DIR + ".old")
         shutil.rmtree(old, ignore_errors=True)

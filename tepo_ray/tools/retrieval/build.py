@@ -172,7 +172,8 @@ def _build_locked(corpus: Path, out: Path, store: DocStore, *, spec: Any, batch_
                              **writer_options)
     except TypeError as e:
         raise ValueError(f"backend {spec.name!r} does not take writer options {sorted(writer_options)}: {e}") from e
-    config = json.dumps(writer.manifest_extra(), sort_keys=True)  # tokenizer / embedding model: must not change
+    # tokenizer / embedding model: must not change within one index (`resume_config`, else the manifest extra)
+    config = json.dumps(getattr(writer, "resume_config", writer.manifest_extra)(), sort_keys=True)
     previous = store.get_meta("writer_config")
     if previous is None:
         store.set_meta({"writer_config": config})
