@@ -114,5 +114,5 @@ def test_embedding_model_resolution(tmp_path) -> None:
 def test_bm25_rejects_embedding_model(tmp_path) -> None:
     world = generate_world(num_docs=10, seed=0)
     write_corpus(tmp_path / "c.jsonl", world.docs)
-    with pytest.raises(ValueError, match="chroma backend only"):
+    with pytest.raises(ValueError, match=r"dense backends \(chroma, faiss\) only, not bm25"):
         build_index(tmp_path / "c.jsonl", tmp_path / "ix", progress=False, embedding_model=packaged_embedding_model())
