@@ -41,6 +41,7 @@ import torch
 from tepo_ray.models.tiny import load_state_from_safetensors, save_weights_safetensors
 
 __all__ = [
+    "DTYPES",
     "LoadedCheckpoint",
     "TOKENIZER_FILES",
     "load_policy",
@@ -62,7 +63,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WEIGHT_RE = re.compile(r"^v(\d+)\.safetensors$")
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-step_"
