@@ -49,6 +49,7 @@ import torch
 
 from tepo_ray import algo
 from tepo_ray.distributed import process_group
+from tepo_ray.distributed.checkpoint import DCP_DIR, is_sharded_checkpoint, load_dcp
 from tepo_ray.distributed.device import select_device
 from tepo_ray.distributed.params import full_state_dict
 from tepo_ray.records import RecordError, Trajectory
@@ -63,6 +64,7 @@ from tepo_ray.trainer.batching import (
 from tepo_ray.trainer.checkpoint import (
     DTYPES,
     capture_rng_state,
+    copy_tokenizer_files,
     list_weight_versions,
     load_latest,
     load_policy,
@@ -548,6 +550,8 @@ class Learner:
     def save_checkpoint(self, extra: dict[str, Any] | None = None, *, on_file_written: Any = None) -> str:
         """Checkpoint model, optimizer, scheduler, step/version, RNG states and the driver's `extra`."""
         extra = dict(extra or {})
+        if self.sharded:
+            return self._save_sharded_checkpoint(extra, on_file_written=on_file_written)
         state = {
             "format": 1,
             "step": self.step,
@@ -572,6 +576,38 @@ class Learner:
         )
         return str(path)
 
+    def _save_sharded_checkpoint(self, extra: dict[str, Any], *, on_file_written: Any = None) -> str:
+        """Collective: DCP shards of model + optimizer, and (rank 0) config, scheduler, trainer state."""
+        from tepo_ray.distributed.checkpoint import MODEL_CONFIG_DIR, save_sharded_checkpoint
+
+        state = {
+            "format": 2,
+            "sharded": True,
+            "world_size": self.world_size,
+            "step": self.step,
+            "version": self.version,
+            "seed": self.seed,
+            "mode": self.mode,
+            "rng": capture_rng_state(),
+            "extra": extra,
+        }
+
+        def write_config(p: Path) -> None:
+            p.mkdir(parents=True)
+            self.model.config.save_pretrained(str(p))
+            copy_tokenizer_files(self.model_path, p)
+
+        path = save_sharded_checkpoint(
+            self.checkpoint_dir, step=self.step, model=self.model, optimizer=self.optimizer,
+            keep=int(self.trainer_cfg.keep_checkpoints), on_file_written=on_file_written,
+            writers={
+                MODEL_CONFIG_DIR: write_config,
+                "scheduler.pt": lambda p: torch.save(self.scheduler.state_dict(), p),
+                "trainer_state.pt": lambda p: torch.save(state, p),
+            },
+        )
+        return str(path)
+
     def has_checkpoint(self, ckpt_dir: str | Path | None = None) -> bool:
         return load_latest(Path(ckpt_dir) if ckpt_dir else self.checkpoint_dir) is not None
 
@@ -589,8 +625,15 @@ class Learner:
         if state.get("mode") != self.mode:
             log.warning("checkpoint %s was trained with algo.mode=%s; continuing with %s",
                         found.path, state.get("mode"), self.mode)
-        load_weights_into(self.model, found.path / "model" / "model.safetensors")
-        self.optimizer.load_state_dict(torch.load(found.path / "optimizer.pt", map_location=self.device))
+        if is_sharded_checkpoint(found.path):  # any world size, also a single process (DCP reshards)
+            load_dcp(found.path / DCP_DIR, model=self.model, optimizer=self.optimizer)
+        elif self.sharded:
+            raise NotImplementedError(
+                f"{found.path} was written by a single-process learner (model/ + optimizer.pt); a sharded learner "
+                f"resumes only from torch.distributed.checkpoint checkpoints (step_N/{DCP_DIR})")
+        else:
+            load_weights_into(self.model, found.path / "model" / "model.safetensors")
+            self.optimizer.load_state_dict(torch.load(found.path / "optimizer.pt", map_location=self.device))
         self.scheduler.load_state_dict(torch.load(found.path / "scheduler.pt", map_location="cpu"))
         self.step = int(state["step"])
         self.version = int(state["version"])
@@ -598,9 +641,12 @@ class Learner:
         # Weight files newer than the checkpoint belong to the lost timeline; the next steps
         # will publish different weights under those numbers. Trajectories generated with them
         # must be discarded by the driver (their behaviour version is > the restored version).
-        for v in list_weight_versions(self.weights_dir):
-            if v > self.version:
-                weight_file_path(self.weights_dir, v).unlink(missing_ok=True)
+        if self.rank == 0:
+            for v in list_weight_versions(self.weights_dir):
+                if v > self.version:
+                    weight_file_path(self.weights_dir, v).unlink(missing_ok=True)
+        if self.sharded:
+            torch.distributed.barrier()
         if self.version not in list_weight_versions(self.weights_dir):
             self.publish_weights()
         return dict(state.get("extra") or {})
