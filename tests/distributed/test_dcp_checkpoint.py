@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from tepo_ray.config import AlgoConfig, TrainerConfig
-from tepo_ray.distributed import process_group
 from tepo_ray.distributed.params import full_state_dict
 from tepo_ray.trainer.checkpoint import list_checkpoints, load_latest
 from tepo_ray.trainer.learner import Learner
@@ -22,16 +21,6 @@ from tepo_ray.trainer.scorer import EntropyScorer
 from trainer_factories import make_group
 
 ALGO = dict(mode="dense", alpha=0.5, lr=1e-3, entropy_chunk_size=5)
-
-
-@pytest.fixture
-def world_of_one():
-    process_group.init_process_group(rank=0, world_size=1, master_addr="127.0.0.1",
-                                     master_port=process_group.free_port(), timeout_s=60)
-    try:
-        yield
-    finally:
-        process_group.destroy()
 
 
 def _learner(model_path: str, run_dir: Path, *, sharded: bool) -> Learner:

@@ -1,4 +1,5 @@
-"""FSDP2 learner on 2 gloo ranks (CPU) = the single-process learner on the same batch.
+"""FSDP2 learner on 2 gloo ranks (CPU) = the single-process learner on the same batch; its DCP
+checkpoint resumes on 2 ranks and loads into 1 process and `export`.
 
 Tolerances (fp32): loss, grad norm and metrics rel 1e-5; every gradient element
 atol 1e-7 + rtol 1e-4 (summation order across ranks is the only difference).
@@ -43,8 +44,14 @@ def _sharded_step(rank: int, world: int, model_path: str, run_dir: str, batch, o
     grads = {n: p.grad.full_tensor() for n, p in learner.model.named_parameters()}  # collective
     metrics.update(learner.apply_update())
     state = full_state_dict(learner.model)  # collective: both ranks
+    learner.save_checkpoint({"cursor": 3})  # collective
+    again = Learner(model_path, algo_cfg=AlgoConfig(**ALGO), trainer_cfg=TrainerConfig(micro_batch_size=3),
+                    run_dir=run_dir, seed=0, sharded=True, publish_initial=False)
+    extra = again.restore()
+    resumed = full_state_dict(again.model)
+    same = all(torch.equal(resumed[k], v) for k, v in state.items()) and again.version == 1
     if rank == 0:
-        torch.save({"metrics": metrics, "state": state, "grads": grads}, out)
+        torch.save({"metrics": metrics, "state": state, "grads": grads, "resumed_equal": same, "extra": extra}, out)
 
 
 @pytest.mark.slow
@@ -84,4 +91,21 @@ def test_two_ranks_match_one_process(tiny_model: str, tmp_path: Path) -> None:
 
     published = load_file(str(tmp_path / "sharded" / "weights" / "v1.safetensors"))
     for name, t in published.items():
+        assert torch.equal(t, got["state"][name]), name
+
+    # The 2-rank checkpoint resumed on 2 ranks, loads into one unsharded process, and exports.
+    assert got["resumed_equal"] and got["extra"] == {"cursor": 3}
+    ckpts = tmp_path / "sharded" / "checkpoints"
+    plain = Learner(tiny_model, algo_cfg=AlgoConfig(**ALGO), trainer_cfg=TrainerConfig(micro_batch_size=3),
+                    run_dir=tmp_path / "plain", seed=0)
+    assert plain.restore(ckpts) == {"cursor": 3}
+    for name, t in plain.model.state_dict().items():
+        assert torch.equal(t, got["state"][name]), name
+    from transformers import AutoModelForCausalLM
+
+    from tepo_ray.trainer.checkpoint import export_model_dir, load_latest
+
+    out_dir = export_model_dir(load_latest(ckpts).path, tmp_path / "exported")
+    hf = AutoModelForCausalLM.from_pretrained(str(out_dir))
+    for name, t in hf.state_dict().items():
         assert torch.equal(t, got["state"][name]), name
