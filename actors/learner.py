@@ -15,7 +15,10 @@ Sharded: with `world_size > 1` the worker first joins the torch.distributed
 group at `master_addr:master_port` as `rank` (gloo on CPU, nccl on GPU), then
 builds a `Learner(sharded=True)`; the driver creates the ranks and talks to them
 through `tepo_ray.distributed.learner_group.LearnerGroup`. A restarted rank
-cannot rejoin a running group: restart the whole group.
+cannot rejoin a running group: restart the whole group. A single learner on a
+GPU with `dtype` bf16/fp16 is sharded too, as a world of one, so its master
+weights and optimizer state stay fp32. `device="auto"` (what the driver passes)
+is the bundle's GPU when it has one, else CPU.
 """
 
 from __future__ import annotations
@@ -54,13 +57,19 @@ class LearnerWorker:
         master_port: int | None = None,
         **learner_kwargs: Any,
     ) -> None:
-        if world_size > 1:
-            from tepo_ray.distributed import process_group
-            from tepo_ray.distributed.device import select_device
+        from tepo_ray.distributed import process_group
+        from tepo_ray.distributed.device import select_device
 
-            if master_addr is None or master_port is None:
+        learner_kwargs["device"] = select_device(learner_kwargs.get("device", "auto"))
+        low_precision_gpu = learner_kwargs["device"].startswith("cuda") and learner_kwargs.get("dtype") not in (
+            None, "float32")
+        if world_size > 1 or low_precision_gpu:
+            # A single GPU learner in bf16 also goes through FSDP2 (a world of one): fp32 master
+            # weights and optimizer state, bf16 compute.
+            if world_size > 1 and (master_addr is None or master_port is None):
                 raise ValueError(f"world_size={world_size} needs master_addr and master_port (rank 0's rendezvous)")
-            learner_kwargs["device"] = select_device(learner_kwargs.get("device", "auto"))
+            if world_size == 1:
+                master_addr, master_port = "127.0.0.1", process_group.free_port()
             process_group.init_process_group(rank=rank, world_size=world_size, master_addr=master_addr,
                                              master_port=int(master_port), device=learner_kwargs["device"])
             learner_kwargs["sharded"] = True
