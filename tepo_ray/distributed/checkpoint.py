@@ -51,7 +51,9 @@ def save_dcp(path: str | os.PathLike, *, model: torch.nn.Module, optimizer: torc
     dcp.save(state, checkpoint_id=str(path))
 
 
-def load_dcp(path: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+def load_dcp(
+    path: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
