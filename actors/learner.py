@@ -10,6 +10,15 @@ by Ray comes back at the last checkpointed step and version, and `restored()`
 returns the driver's `extra` dict saved with it (data cursor, buffer state).
 Steps after that checkpoint are lost; their weight files are deleted and
 trajectories generated with them must be discarded by the driver.
+
+Sharded: with `world_size > 1` the worker first joins the torch.distributed
+group at `master_addr:master_port` as `rank` (gloo on CPU, nccl on GPU), then
+builds a `Learner(sharded=True)`; the driver creates the ranks and talks to them
+through `tepo_ray.distributed.learner_group.LearnerGroup`. A restarted rank
+cannot rejoin a running group: restart the whole group. A single learner on a
+GPU with `dtype` bf16/fp16 is sharded too, as a world of one, so its master
+weights and optimizer state stay fp32. `device="auto"` (what the driver passes)
+is the bundle's GPU when it has one, else CPU.
 """
 
 from __future__ import annotations
@@ -42,8 +51,28 @@ class LearnerWorker:
         run_dir: str,
         seed: int = 0,
         resume: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        master_addr: str | None = None,
+        master_port: int | None = None,
         **learner_kwargs: Any,
     ) -> None:
+        from tepo_ray.distributed import process_group
+        from tepo_ray.distributed.device import select_device
+
+        learner_kwargs["device"] = select_device(learner_kwargs.get("device", "auto"))
+        low_precision_gpu = learner_kwargs["device"].startswith("cuda") and learner_kwargs.get("dtype") not in (
+            None, "float32")
+        if world_size > 1 or low_precision_gpu:
+            # A single GPU learner in bf16 also goes through FSDP2 (a world of one): fp32 master
+            # weights and optimizer state, bf16 compute.
+            if world_size > 1 and (master_addr is None or master_port is None):
+                raise ValueError(f"world_size={world_size} needs master_addr and master_port (rank 0's rendezvous)")
+            if world_size == 1:
+                master_addr, master_port = "127.0.0.1", process_group.free_port()
+            process_group.init_process_group(rank=rank, world_size=world_size, master_addr=master_addr,
+                                             master_port=int(master_port), device=learner_kwargs["device"])
+            learner_kwargs["sharded"] = True
         ckpt_dir = Path(trainer_cfg.checkpoint_dir) if trainer_cfg.checkpoint_dir else Path(run_dir) / "checkpoints"
         resuming = resume and load_latest(ckpt_dir) is not None
         self.learner = Learner(
@@ -56,6 +85,8 @@ class LearnerWorker:
     def ready(self) -> dict[str, Any]:
         info = self.learner.ready()
         info["pid"] = os.getpid()
+        info["rank"] = self.learner.rank
+        info["world_size"] = self.learner.world_size
         info["restored"] = self._restored is not None
         info["restore_note"] = self.learner.last_restore_note
         return info

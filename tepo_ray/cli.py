@@ -8,6 +8,7 @@
     tepo-ray topology CONFIG [key=value ...]       # bundles and resource needs; starts nothing
     tepo-ray index build CORPUS.jsonl --out DIR [--backend bm25|chroma]
     tepo-ray compare RUN_DIR [RUN_DIR ...] --out plot.png
+    tepo-ray export RUN_DIR [--step K] --out DIR   # checkpoint -> Hugging Face model dir (safetensors)
 """
 
 from __future__ import annotations
@@ -108,6 +109,44 @@ def eval_cmd(config: Path = typer.Argument(...), overrides: List[str] = typer.Ar
     cfg = _load(config, overrides or [])
     result = evaluate(cfg, model_path=model, address=address)
     console.print_json(json.dumps(result))
+
+
+@app.command()
+def export(run_dir: Path = typer.Argument(..., help="run directory (or a checkpoint directory)"),
+           out: Path = typer.Option(..., "--out", help="where to write the Hugging Face model dir"),
+           step: Optional[int] = typer.Option(None, help="checkpoint step (default: the latest complete one)"),
+           dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16")) -> None:
+    """Write a checkpoint (single-process or sharded) as a standard HF model dir that transformers/vLLM load."""
+    from tepo_ray.trainer.checkpoint import export_model_dir, list_checkpoints, load_latest
+
+    ckpt_root = run_dir / "checkpoints"
+    cfg_file = run_dir / "config.yaml"
+    if cfg_file.is_file():
+        from omegaconf import OmegaConf
+
+        custom = OmegaConf.select(OmegaConf.load(cfg_file), "trainer.checkpoint_dir")
+        ckpt_root = Path(custom) if custom else ckpt_root
+    if not ckpt_root.is_dir():
+        ckpt_root = run_dir  # a checkpoint directory itself
+    found = dict(list_checkpoints(ckpt_root))
+    if step is None:
+        latest = load_latest(ckpt_root)
+        if latest is None:
+            err_console.print(f"[red]error:[/red] no complete checkpoint under {ckpt_root}", highlight=False)
+            raise typer.Exit(2)
+        path = latest.path
+    elif step in found:
+        path = found[step]
+    else:
+        err_console.print(f"[red]error:[/red] no complete checkpoint step_{step} under {ckpt_root}; "
+                          f"complete steps: {sorted(found)}", highlight=False)
+        raise typer.Exit(2)
+    try:
+        written = export_model_dir(path, out, dtype=dtype)
+    except (FileNotFoundError, ValueError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"[bold green]exported[/bold green] {path} -> {written}")
 
 
 @app.command()

@@ -316,6 +316,8 @@ class TrainerConfig:
     sft_steps: int = 200
     sft_lr: float = 3e-3
     sft_batch_size: int = 32
+    # recompute each decoder layer's activations in backward (less memory, ~1/3 more compute)
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "trainer.steps", self.steps, ">= 0")

@@ -160,7 +160,6 @@ class Driver:
 
         from actors.entropy_scorer import EntropyScorerActor
         from actors.generation import GenerationWorker
-        from actors.learner import LearnerActor
         from actors.tool_pool_service import ToolPoolService
 
         if not ray.is_initialized():
@@ -185,15 +184,12 @@ class Driver:
                         max_restarts=-1, **extra)
 
         cfg = self.cfg
-        (lb,) = self.plan.for_role("learner")
-        self.learner = (ray.remote(self.learner_cls) if self.learner_cls else LearnerActor).options(**opts(lb)).remote(
-            self.assets.model_path, algo_cfg=cfg.algo, trainer_cfg=cfg.trainer, run_dir=str(self.run_dir),
-            seed=cfg.trainer.seed, resume=self.resume, **self.learner_kwargs)
+        self.learner = self._start_learner(opts)
         scorer_cls = ray.remote(self.scorer_cls) if self.scorer_cls else EntropyScorerActor
         self.scorers = [
             scorer_cls.options(**opts(b)).remote(
                 self.assets.model_path, algo_cfg=cfg.algo, weights_dir=str(self.run_dir / "weights"),
-                name=f"scorer-{b.replica}", **self.scorer_kwargs)
+                name=f"scorer-{b.replica}", **{"device": "auto", "dtype": cfg.model.dtype, **self.scorer_kwargs})
             for b in self.plan.for_role("scorers")
         ]
         self.pools: dict[str, Any] = {}
@@ -224,6 +220,25 @@ class Driver:
         self.version = version
         if version > 0:
             ray.get([g.set_weights.remote(path, version) for g in self.generators])
+
+    def _start_learner(self, opts: Any) -> Any:
+        """One learner actor, or with `topology.learner.replicas = N > 1` a `LearnerGroup` of N FSDP2 ranks
+        (one per learner bundle; a rank is not restarted alone, it could not rejoin the group).
+        Each runs on its bundle's device ("auto") in `model.dtype`."""
+        import ray
+
+        from actors.learner import LearnerActor
+        from tepo_ray.distributed.learner_group import LearnerGroup
+
+        cfg = self.cfg
+        actor_cls = ray.remote(self.learner_cls) if self.learner_cls else LearnerActor
+        kwargs = dict(algo_cfg=cfg.algo, trainer_cfg=cfg.trainer, run_dir=str(self.run_dir), seed=cfg.trainer.seed,
+                      resume=self.resume, **{"device": "auto", "dtype": cfg.model.dtype, **self.learner_kwargs})
+        bundles = self.plan.for_role("learner")
+        if len(bundles) == 1:
+            return actor_cls.options(**opts(bundles[0])).remote(self.assets.model_path, **kwargs)
+        return LearnerGroup.create(actor_cls, bundles=bundles, options=lambda b: {**opts(b), "max_restarts": 0},
+                                   args=(self.assets.model_path,), kwargs=kwargs)
 
     def _restore(self) -> None:
         import ray

@@ -8,8 +8,9 @@ first token is always a prompt token (loss_mask 0).
 
 The forward runs the model's backbone once and applies the output head only
 to the positions that need it (loss_mask == 1), `chunk_size` rows at a time
-when no gradient is needed, so the exact full-vocabulary entropy costs
-O(chunk_size x vocab) memory instead of O(B x T x vocab).
+(with gradient: recomputed in backward, `algo.linear_logprobs`), so exact
+full-vocabulary log-probs and entropies cost O(chunk_size x vocab) memory
+instead of O(B x T x vocab).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Sequence
 import torch
 
 from tepo_ray import algo
+from tepo_ray.algo import linear_logprobs as algo_linear
 
 __all__ = [
     "TokenBatch",
@@ -28,6 +30,7 @@ __all__ = [
     "micro_batch_slices",
     "check_first_token_untrained",
     "token_logprobs",
+    "PolicyLogprobs",
 ]
 
 
@@ -131,6 +134,70 @@ def _backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.n
     return backbone, head
 
 
+class PolicyLogprobs(torch.nn.Module):
+    """A causal LM viewed as "token ids -> per-token log-probs (and entropies)".
+
+    Wraps a Hugging Face *ForCausalLM without copying it (`self.model` is the
+    same object). Having the whole computation in one `forward` matters for
+    FSDP2: the wrapper is the root `fully_shard` unit, so the embedding, final
+    norm and output head are gathered by its hooks before the backbone and the
+    head are called. The output head is applied with `algo.linear_logprobs`
+    (chunked, recomputed in backward), so no [tokens x vocab] tensor exists.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        _backbone_and_head(model)  # fail early on an unsupported model
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        *,
+        chunk_size: int,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logprobs [B, T], entropy [B, T] or None) at every position with loss_mask == 1, 0.0 elsewhere."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        backbone, head = _backbone_and_head(self.model)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          use_cache=False).last_hidden_state  # [B, T, H]
+        target_mask = loss_mask[:, 1:] > 0  # [B, T-1]: position t+1 is predicted from hidden t
+        rows = hidden[:, :-1][target_mask]  # [N, H]
+        targets = input_ids[:, 1:][target_mask]  # [N]
+        weight = head.weight  # [V, H]
+        bias = getattr(head, "bias", None)
+        if torch.is_grad_enabled():
+            lp_flat, ent_flat = algo_linear.linear_logprobs(
+                rows, weight, targets, bias=bias, temperature=temperature, chunk_size=chunk_size,
+                with_entropy=with_entropy,
+            )  # [N], [N] | None
+        else:
+            lp_parts, ent_parts = [], []
+            for s in range(0, max(rows.shape[0], 1), chunk_size):
+                logits = torch.nn.functional.linear(rows[s : s + chunk_size], weight, bias).float()  # [c, V]
+                if temperature != 1.0:
+                    logits = logits / temperature
+                lp, ent = algo.token_logprobs_and_entropy(logits, targets[s : s + chunk_size], chunk_size=chunk_size)
+                lp_parts.append(lp)
+                ent_parts.append(ent)
+            lp_flat, ent_flat = torch.cat(lp_parts), torch.cat(ent_parts)  # [N], [N]
+        full_mask = torch.zeros_like(input_ids, dtype=torch.bool)  # [B, T]
+        full_mask[:, 1:] = target_mask
+        logprobs = torch.zeros(full_mask.shape, dtype=lp_flat.dtype, device=lp_flat.device).masked_scatter(
+            full_mask, lp_flat)  # [B, T]
+        if not with_entropy:
+            return logprobs, None
+        ent_flat = ent_flat.detach()
+        entropy = torch.zeros(full_mask.shape, dtype=ent_flat.dtype, device=ent_flat.device).masked_scatter(
+            full_mask, ent_flat)  # [B, T]
+        return logprobs, entropy
+
+
 def token_logprobs(
     model: torch.nn.Module,
     batch: TokenBatch,
@@ -141,44 +208,15 @@ def token_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Teacher-forced log pi(token_t | tokens_<t) and H_t at every trained position, in one forward.
 
+    `model` is a Hugging Face *ForCausalLM or a `PolicyLogprobs` over one (e.g. FSDP-sharded).
     Returns (logprobs [B, T], entropy [B, T] or None), 0.0 wherever loss_mask == 0.
     Logits are divided by `temperature` (the sampling distribution). Differentiable
-    w.r.t. the model parameters when grad is enabled; with grad disabled the
-    output head is applied `chunk_size` rows at a time.
+    w.r.t. the model parameters when grad is enabled; either way the output head
+    is applied `chunk_size` rows at a time, so memory is O(chunk_size x vocab)
+    (with grad: `algo.linear_logprobs` recomputes the chunk's logits in backward).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    backbone, head = _backbone_and_head(model)
-    device = next(model.parameters()).device
+    policy = model if isinstance(model, PolicyLogprobs) else PolicyLogprobs(model)
+    device = next(policy.parameters()).device
     batch = batch.to(device)
-    hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state  # [B, T, H]
-    target_mask = batch.loss_mask[:, 1:] > 0  # [B, T-1]: position t+1 is predicted from hidden t
-    rows = hidden[:, :-1][target_mask]  # [N, H]
-    targets = batch.input_ids[:, 1:][target_mask]  # [N]
-    n = rows.shape[0]
-    lp_parts, ent_parts = [], []
-    if torch.is_grad_enabled():
-        # Differentiable path (learner): [N, V] logits are kept for backward anyway.
-        logits = head(rows).float()  # [N, V]
-        if temperature != 1.0:
-            logits = logits / temperature
-        lp_parts.append(-torch.nn.functional.cross_entropy(logits, targets, reduction="none"))  # [N]
-        if with_entropy:
-            ent_parts.append(algo.token_entropy(logits.detach(), chunk_size=chunk_size))  # [N]
-    else:
-        for s in range(0, max(n, 1), chunk_size):
-            logits = head(rows[s : s + chunk_size]).float()  # [c, V]
-            if temperature != 1.0:
-                logits = logits / temperature
-            lp, ent = algo.token_logprobs_and_entropy(logits, targets[s : s + chunk_size], chunk_size=chunk_size)
-            lp_parts.append(lp)
-            ent_parts.append(ent)
-    full_mask = torch.zeros_like(batch.input_ids, dtype=torch.bool)  # [B, T]
-    full_mask[:, 1:] = target_mask
-    lp_flat = torch.cat(lp_parts)  # [N]
-    logprobs = torch.zeros(full_mask.shape, dtype=lp_flat.dtype, device=device).masked_scatter(full_mask, lp_flat)
-    if not with_entropy:
-        return logprobs, None  # [B, T]
-    ent_flat = torch.cat(ent_parts).detach()  # [N]
-    entropy = torch.zeros(full_mask.shape, dtype=ent_flat.dtype, device=device).masked_scatter(full_mask, ent_flat)
-    return logprobs, entropy  # [B, T], [B, T]
+    return policy(batch.input_ids, batch.attention_mask, batch.loss_mask, chunk_size=chunk_size,
+                  temperature=temperature, with_entropy=with_entropy)

@@ -12,6 +12,11 @@ A checkpoint is a directory `<ckpt_dir>/step_{N}`::
       optimizer.pt      trainer_state.pt (step, version, RNG states, driver's `extra`)
       scheduler.pt      manifest.json    (every file with its size; written last)
 
+A sharded learner's checkpoint holds `dcp/` (torch.distributed.checkpoint
+shards of model and optimizer) and `model_config/` instead of `model/` and
+`optimizer.pt` (`tepo_ray.distributed.checkpoint`); `export_model_dir` turns
+either kind into a plain Hugging Face model directory.
+
 Commit protocol (`save_checkpoint`): every file is written into
 `.tmp-step_{N}-<pid>` in the same parent and fsynced, the manifest is written
 and fsynced, the directory is renamed to `step_{N}` (the commit point), the
@@ -41,6 +46,7 @@ import torch
 from tepo_ray.models.tiny import load_state_from_safetensors, save_weights_safetensors
 
 __all__ = [
+    "DTYPES",
     "LoadedCheckpoint",
     "TOKENIZER_FILES",
     "load_policy",
@@ -58,11 +64,12 @@ __all__ = [
     "restore_rng_state",
     "fsync_dir",
     "commit_dir",
+    "export_model_dir",
 ]
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WEIGHT_RE = re.compile(r"^v(\d+)\.safetensors$")
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-step_"
@@ -357,3 +364,38 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- export
+def export_model_dir(step_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32") -> Path:
+    """Write a standard Hugging Face model dir (config.json, model.safetensors, tokenizer) from a checkpoint.
+
+    `step_dir` is a complete checkpoint (`step_N`) of either kind: single-process
+    (`model/`) or sharded (`dcp/` + `model_config/`, gathered here in one
+    process, whatever world size wrote it). Written to a tmp dir next to
+    `out_dir`, then renamed, so `out_dir` is complete or absent.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tepo_ray.distributed.checkpoint import DCP_DIR, MODEL_CONFIG_DIR, is_sharded_checkpoint, load_dcp
+
+    step_dir, out = Path(step_dir), Path(out_dir)
+    if (problem := checkpoint_problem(step_dir)) is not None:
+        raise FileNotFoundError(f"cannot export {step_dir}: {problem}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is invalid; expected one of {sorted(_DTYPES)}")
+    if is_sharded_checkpoint(step_dir):
+        src = step_dir / MODEL_CONFIG_DIR
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(src)), dtype=torch.float32)
+        load_dcp(step_dir / DCP_DIR, model=model)
+    else:
+        src = step_dir / "model"
+        model = load_policy(src, dtype="float32")
+    model = model.to(_DTYPES[dtype])
+    model.config.torch_dtype = _DTYPES[dtype]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model_dir(model, tmp, tokenizer_from=str(src))
+    commit_dir(tmp, out)
+    return out

@@ -14,6 +14,23 @@ One `train_step(trajectories)` (DESIGN.md section 1):
 4. grad-norm clipping, AdamW, linear-warmup schedule; `version += 1` and the new
    weights are published as `<run_dir>/weights/v{version}.safetensors`.
 
+Log-probs come from `batching.PolicyLogprobs` (chunked output head, recomputed in
+backward: no [tokens x vocab] tensor); `trainer.gradient_checkpointing` recomputes
+the decoder layers in backward.
+
+Sharded (`sharded=True`, one of `world_size` ranks of a process group formed by
+`tepo_ray.distributed.process_group`): the model is sharded with FSDP2
+(`distributed.fsdp.shard_policy`, fp32 master weights, `model.dtype` compute).
+Every rank receives the whole batch and computes scores and advantages for all
+of it (group normalisation needs whole groups; it is cheap), then runs forward
+and backward on its own sequences `i % world_size == rank`. The token count used
+for normalisation is the global one, and the loss is scaled by `world_size`
+because FSDP averages gradients over ranks, so the update equals the
+single-process update on the same batch. Ranks run the same number of
+micro-batches (a rank that ran out repeats one with zero weight) since every
+forward/backward is collective. Weight publication and checkpoints are
+collective too: rank 0 writes the files.
+
 Override points for variants: `compute_scores`, `compute_advantages`, `compute_loss`.
 """
 
@@ -31,8 +48,13 @@ import numpy as np
 import torch
 
 from tepo_ray import algo
+from tepo_ray.distributed import process_group
+from tepo_ray.distributed.checkpoint import DCP_DIR, is_sharded_checkpoint, load_dcp
+from tepo_ray.distributed.device import select_device
+from tepo_ray.distributed.params import full_state_dict
 from tepo_ray.records import RecordError, Trajectory
 from tepo_ray.trainer.batching import (
+    PolicyLogprobs,
     check_first_token_untrained,
     make_token_batch,
     micro_batch_slices,
@@ -40,7 +62,9 @@ from tepo_ray.trainer.batching import (
     token_logprobs,
 )
 from tepo_ray.trainer.checkpoint import (
+    DTYPES,
     capture_rng_state,
+    copy_tokenizer_files,
     list_weight_versions,
     load_latest,
     load_policy,
@@ -152,6 +176,10 @@ class Learner:
             `async.max_staleness` so scorers can still load every admissible behaviour version.
         temperature: sampling temperature of the generators (log-probs use logits / temperature).
         publish_initial: publish the initial weights as `v{initial_version}` at construction.
+        device: "cpu", "cuda[:i]" or "auto" (the GPU of this Ray worker's bundle, else CPU).
+        dtype: compute dtype (`model.dtype`). Unsharded, the weights are held in it; sharded,
+            they are held in fp32 and FSDP2 computes in `dtype`, reducing gradients in fp32.
+        sharded: shard with FSDP2 over the current torch.distributed group (must exist).
     """
 
     def __init__(
@@ -168,6 +196,7 @@ class Learner:
         temperature: float = 1.0,
         initial_version: int = 0,
         publish_initial: bool = True,
+        sharded: bool = False,
     ) -> None:
         if keep_weight_versions < 1:
             raise ValueError(f"keep_weight_versions must be >= 1, got {keep_weight_versions}")
@@ -180,7 +209,13 @@ class Learner:
             Path(trainer_cfg.checkpoint_dir) if trainer_cfg.checkpoint_dir else self.run_dir / "checkpoints"
         )
         self.seed = int(seed)
-        self.device = device
+        self.device = select_device(device)
+        self.sharded = bool(sharded)
+        if self.sharded and not process_group.is_initialized():
+            raise RuntimeError("sharded=True needs a torch.distributed process group; call "
+                               "tepo_ray.distributed.process_group.init_process_group first")
+        self.rank = process_group.rank() if self.sharded else 0
+        self.world_size = process_group.world_size() if self.sharded else 1
         self.keep_weight_versions = int(keep_weight_versions)
         self.temperature = float(temperature)
         self.mode = _mode_name(algo_cfg.mode)
@@ -189,12 +224,26 @@ class Learner:
         np.random.seed(self.seed)
         torch.manual_seed(self.seed)
 
-        self.model = load_policy(self.model_path, device=device, dtype=dtype)
+        # Sharded: fp32 master weights, FSDP2 casts to `dtype` for compute.
+        self.model = load_policy(self.model_path, device=self.device, dtype="float32" if self.sharded else dtype)
+        if getattr(trainer_cfg, "gradient_checkpointing", False):
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
         self.ref_model = None
+        self.ref_policy: PolicyLogprobs | None = None
         if algo_cfg.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval()
             self.ref_model.requires_grad_(False)
+            self.ref_policy = PolicyLogprobs(self.ref_model)
+        self.policy = PolicyLogprobs(self.model)  # wraps self.model; same parameters
+        if self.sharded:
+            from tepo_ray.distributed.fsdp import shard_policy
+
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype={dtype!r} is invalid; expected one of {sorted(DTYPES)}")
+            shard_policy(self.policy, param_dtype=DTYPES[dtype])
+            if self.ref_policy is not None:
+                shard_policy(self.ref_policy, param_dtype=DTYPES[dtype])
         self.pad_id = int(getattr(self.model.config, "pad_token_id", None) or 0)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
 
@@ -223,11 +272,21 @@ class Learner:
         return str(weight_file_path(self.weights_dir, self.version)), self.version
 
     def publish_weights(self) -> tuple[str, int]:
-        """Write `<run_dir>/weights/v{version}.safetensors` atomically; keep the last `keep_weight_versions`."""
-        path = publish_weights(
-            self.model, weights_dir=self.weights_dir, version=self.version, keep=self.keep_weight_versions
-        )
-        return str(path), self.version
+        """Write `<run_dir>/weights/v{version}.safetensors` atomically; keep the last `keep_weight_versions`.
+
+        Sharded: collective (every rank gathers the full weights; rank 0 writes).
+        """
+        if not self.sharded:
+            path = publish_weights(
+                self.model, weights_dir=self.weights_dir, version=self.version, keep=self.keep_weight_versions
+            )
+            return str(path), self.version
+        state = full_state_dict(self.model, device="cpu")
+        if self.rank == 0:
+            publish_weights(state, weights_dir=self.weights_dir, version=self.version, keep=self.keep_weight_versions)
+        del state
+        torch.distributed.barrier()
+        return str(weight_file_path(self.weights_dir, self.version)), self.version
 
     def checkpoint_due(self) -> bool:
         """True when `trainer.checkpoint_interval` divides the number of steps taken."""
@@ -362,27 +421,31 @@ class Learner:
         loss_total = 0.0
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        for sl in micro_batch_slices(len(trajs), int(self.trainer_cfg.micro_batch_size)):
-            mb = trajs[sl]
+        for idx, weight in self._micro_batches(len(trajs)):
+            mb = [trajs[i] for i in idx]
             batch = make_token_batch([t.token_ids for t in mb], [t.loss_mask for t in mb], pad_id=self.pad_id)
             length = batch.input_ids.shape[1]
             mb_tokens = batch.num_tokens
-            if mb_tokens == 0:
+            if mb_tokens == 0 and not self.sharded:
                 continue
+            if mb_tokens == 0:
+                weight = 0.0  # sharded: the collective forward/backward must still run
             batch = batch.to(self.device)
             old = pad_values([t.behaviour_logprobs for t in mb], length=length).to(self.device)  # [b, T]
-            adv = token_adv[sl, :length].to(self.device, torch.float32)  # [b, T]
+            adv = token_adv[torch.tensor(idx), :length].to(self.device, torch.float32)  # [b, T]
             ref_lp = None
-            if self.ref_model is not None:
+            if self.ref_policy is not None:
                 with torch.no_grad():
-                    ref_lp, _ = token_logprobs(self.ref_model, batch, chunk_size=chunk,
+                    ref_lp, _ = token_logprobs(self.ref_policy, batch, chunk_size=chunk,
                                                temperature=self.temperature)  # [b, T]
-            logp, _ = token_logprobs(self.model, batch, chunk_size=chunk, temperature=self.temperature)  # [b, T]
+            logp, _ = token_logprobs(self.policy, batch, chunk_size=chunk, temperature=self.temperature)  # [b, T]
             loss, m = self.compute_loss(
                 logprobs=logp, old_logprobs=old, advantages=adv, loss_mask=batch.loss_mask,
-                ref_logprobs=ref_lp, num_tokens=num_tokens, num_sequences=num_sequences,
+                ref_logprobs=ref_lp, num_tokens=max(num_tokens, 1), num_sequences=max(num_sequences, 1),
             )
-            loss.backward()
+            (loss * (weight * self.world_size)).backward()  # FSDP averages over ranks; we want the sum
+            if weight == 0.0:
+                continue
             loss_total += float(loss.detach())
             # Per-call metrics are means over the micro-batch's tokens: token-weight them.
             w = mb_tokens / num_tokens
@@ -394,6 +457,8 @@ class Learner:
                 else:
                     agg[key] = agg.get(key, 0.0) + w * float(val)
 
+        if self.sharded:
+            loss_total, agg = _merge_rank_metrics(loss_total, agg)
         metrics.update({f"learner/algo/{k}": float(v) for k, v in adv_metrics.items() if _is_number(v)})
         metrics.update({f"learner/loss/{k}": v for k, v in agg.items()})
         metrics.update({
@@ -406,6 +471,22 @@ class Learner:
         })
         return metrics
 
+    def _micro_batches(self, n: int) -> list[tuple[list[int], float]]:
+        """(trajectory indices, loss weight) of this rank's micro-batches.
+
+        Unsharded: consecutive slices of `trainer.micro_batch_size`. Sharded: this rank's
+        sequences `i % world_size == rank` in slices, padded to the count rank 0 runs
+        with weight-0 repeats, so every rank makes the same number of collective calls.
+        """
+        size = int(self.trainer_cfg.micro_batch_size)
+        mine = list(range(self.rank, n, self.world_size))
+        out = [(mine[sl], 1.0) for sl in micro_batch_slices(len(mine), size)] if mine else []
+        if self.sharded:
+            steps = len(micro_batch_slices(len(range(0, n, self.world_size)), size))
+            filler = mine[:1] or [0]
+            out += [(filler, 0.0)] * (steps - len(out))
+        return out
+
     def apply_update(self, *, has_tokens: bool = True) -> dict[str, float]:
         """Clip, optimizer + scheduler step, `version += 1`, publish. Skips the optimizer step
         (not the version bump) when the batch had no trained token or the gradient is non-finite."""
@@ -413,7 +494,8 @@ class Learner:
         grad_norm = 0.0
         if has_tokens:
             params = [p for p in self.model.parameters() if p.requires_grad]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, float(self.algo_cfg.max_grad_norm)))
+            norm = torch.nn.utils.clip_grad_norm_(params, float(self.algo_cfg.max_grad_norm))
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             if math.isfinite(grad_norm):
                 self.optimizer.step()
             else:
@@ -468,6 +550,8 @@ class Learner:
     def save_checkpoint(self, extra: dict[str, Any] | None = None, *, on_file_written: Any = None) -> str:
         """Checkpoint model, optimizer, scheduler, step/version, RNG states and the driver's `extra`."""
         extra = dict(extra or {})
+        if self.sharded:
+            return self._save_sharded_checkpoint(extra, on_file_written=on_file_written)
         state = {
             "format": 1,
             "step": self.step,
@@ -492,6 +576,38 @@ class Learner:
         )
         return str(path)
 
+    def _save_sharded_checkpoint(self, extra: dict[str, Any], *, on_file_written: Any = None) -> str:
+        """Collective: DCP shards of model + optimizer, and (rank 0) config, scheduler, trainer state."""
+        from tepo_ray.distributed.checkpoint import MODEL_CONFIG_DIR, save_sharded_checkpoint
+
+        state = {
+            "format": 2,
+            "sharded": True,
+            "world_size": self.world_size,
+            "step": self.step,
+            "version": self.version,
+            "seed": self.seed,
+            "mode": self.mode,
+            "rng": capture_rng_state(),
+            "extra": extra,
+        }
+
+        def write_config(p: Path) -> None:
+            p.mkdir(parents=True)
+            self.model.config.save_pretrained(str(p))
+            copy_tokenizer_files(self.model_path, p)
+
+        path = save_sharded_checkpoint(
+            self.checkpoint_dir, step=self.step, model=self.model, optimizer=self.optimizer,
+            keep=int(self.trainer_cfg.keep_checkpoints), on_file_written=on_file_written,
+            writers={
+                MODEL_CONFIG_DIR: write_config,
+                "scheduler.pt": lambda p: torch.save(self.scheduler.state_dict(), p),
+                "trainer_state.pt": lambda p: torch.save(state, p),
+            },
+        )
+        return str(path)
+
     def has_checkpoint(self, ckpt_dir: str | Path | None = None) -> bool:
         return load_latest(Path(ckpt_dir) if ckpt_dir else self.checkpoint_dir) is not None
 
@@ -509,8 +625,15 @@ class Learner:
         if state.get("mode") != self.mode:
             log.warning("checkpoint %s was trained with algo.mode=%s; continuing with %s",
                         found.path, state.get("mode"), self.mode)
-        load_weights_into(self.model, found.path / "model" / "model.safetensors")
-        self.optimizer.load_state_dict(torch.load(found.path / "optimizer.pt", map_location=self.device))
+        if is_sharded_checkpoint(found.path):  # any world size, also a single process (DCP reshards)
+            load_dcp(found.path / DCP_DIR, model=self.model, optimizer=self.optimizer)
+        elif self.sharded:
+            raise NotImplementedError(
+                f"{found.path} was written by a single-process learner (model/ + optimizer.pt); a sharded learner "
+                f"resumes only from torch.distributed.checkpoint checkpoints (step_N/{DCP_DIR})")
+        else:
+            load_weights_into(self.model, found.path / "model" / "model.safetensors")
+            self.optimizer.load_state_dict(torch.load(found.path / "optimizer.pt", map_location=self.device))
         self.scheduler.load_state_dict(torch.load(found.path / "scheduler.pt", map_location="cpu"))
         self.step = int(state["step"])
         self.version = int(state["version"])
@@ -518,12 +641,31 @@ class Learner:
         # Weight files newer than the checkpoint belong to the lost timeline; the next steps
         # will publish different weights under those numbers. Trajectories generated with them
         # must be discarded by the driver (their behaviour version is > the restored version).
-        for v in list_weight_versions(self.weights_dir):
-            if v > self.version:
-                weight_file_path(self.weights_dir, v).unlink(missing_ok=True)
+        if self.rank == 0:
+            for v in list_weight_versions(self.weights_dir):
+                if v > self.version:
+                    weight_file_path(self.weights_dir, v).unlink(missing_ok=True)
+        if self.sharded:
+            torch.distributed.barrier()
         if self.version not in list_weight_versions(self.weights_dir):
             self.publish_weights()
         return dict(state.get("extra") or {})
+
+
+def _merge_rank_metrics(loss_total: float, agg: dict[str, float]) -> tuple[float, dict[str, float]]:
+    """Sum the per-rank loss and token-weighted metrics over the process group (`*_max`: max)."""
+    gathered: list[Any] = [None] * process_group.world_size()
+    torch.distributed.all_gather_object(gathered, (loss_total, agg))
+    total = 0.0
+    merged: dict[str, float] = {}
+    for loss_r, agg_r in gathered:
+        total += loss_r
+        for key, val in agg_r.items():
+            if key.endswith("_max"):
+                merged[key] = max(merged.get(key, float("-inf")), val)
+            else:
+                merged[key] = merged.get(key, 0.0) + val
+    return total, merged
 
 
 def _is_number(v: Any) -> bool:

@@ -34,6 +34,7 @@ import torch
 
 from tepo_ray import algo
 from tepo_ray.records import RecordError, Trajectory
+from tepo_ray.distributed.device import select_device
 from tepo_ray.trainer.batching import (
     check_first_token_untrained,
     make_token_batch,
@@ -103,12 +104,12 @@ class EntropyScorer:
         self.model_path = str(model_path)
         self.window: int | None = algo_cfg.entropy_window
         self.chunk_size: int = int(algo_cfg.entropy_chunk_size)
-        self.device = device
+        self.device = select_device(device)  # "auto": this Ray worker's GPU, else CPU
         self.weights_dir = Path(weights_dir) if weights_dir is not None else None
         self.cache_size = cache_size
         self.micro_batch_size = micro_batch_size
         self.temperature = float(temperature)
-        self.model = load_policy(self.model_path, device=device, dtype=dtype).eval()
+        self.model = load_policy(self.model_path, device=self.device, dtype=dtype).eval()
         self.model.requires_grad_(False)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.pad_id = int(getattr(self.model.config, "pad_token_id", None) or 0)
