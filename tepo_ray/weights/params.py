@@ -1,0 +1,111 @@
+"""The learner's full weights as (HF name, tensor) pairs, in a fixed order.
+
+`iter_full_state(model)` is the one function a weight transport reads the
+learner through. This version handles a plain `nn.Module` (one process); the
+FSDP2 learner group provides its own `tepo_ray.distributed.params.iter_full_state`
+(collective on all ranks, full tensors on rank 0) with the same contract, and
+the integrator swaps it in here.
+
+Contract:
+* names are the model's `state_dict()` keys (Hugging Face names, persistent
+  buffers included, non-persistent buffers such as rotary `inv_freq` excluded),
+  in `state_dict()` order, identical on every call;
+* every tensor is detached, contiguous and does not alias another yielded
+  tensor (tied weights such as `lm_head.weight` are cloned), on the model's device;
+* tensors are yielded one at a time, so a caller that packs them into bounded
+  buckets never holds more than a bucket plus one tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+__all__ = ["ParamMeta", "iter_full_state", "param_metadata", "load_named_tensors"]
+
+
+@dataclass(frozen=True)
+class ParamMeta:
+    """What a receiver must know to receive one tensor: its name, shape and dtype (as a string)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # e.g. "float32" (torch.float32 without the prefix)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        dt = getattr(torch, self.dtype, None)
+        if not isinstance(dt, torch.dtype):
+            raise ValueError(f"parameter {self.name!r}: dtype {self.dtype!r} is not a torch dtype")
+        return dt
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= int(s)
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.torch_dtype).element_size()
+
+    def to_list(self) -> list:
+        return [self.name, list(self.shape), self.dtype]
+
+    @classmethod
+    def from_list(cls, item: list | tuple) -> "ParamMeta":
+        name, shape, dtype = item
+        return cls(str(name), tuple(int(s) for s in shape), str(dtype))
+
+
+def iter_full_state(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every entry of `model.state_dict()`; tied tensors cloned (see module docstring)."""
+    seen: set[int] = set()
+    for name, t in model.state_dict(keep_vars=False).items():
+        t = t.detach()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else -1
+        if ptr in seen or not t.is_contiguous():
+            t = t.contiguous().clone()
+        elif ptr != -1:
+            seen.add(ptr)
+        yield name, t
+
+
+def param_metadata(model: torch.nn.Module) -> list[ParamMeta]:
+    """`ParamMeta` of every tensor `iter_full_state(model)` yields, in the same order (no copies made)."""
+    return [ParamMeta(name, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+            for name, t in model.state_dict(keep_vars=False).items()]
+
+
+def load_named_tensors(model: torch.nn.Module, named: "Iterator[tuple[str, torch.Tensor]]", *, what: str) -> int:
+    """Copy (name, tensor) pairs into `model`'s state in place (dtype/device converted); returns how many.
+
+    Every state entry must arrive, except ones tied to an entry that did
+    (`lm_head.weight` with tied embeddings); an unknown name or a shape mismatch
+    raises `ValueError` naming `what` (the update or file). The whole iterator is
+    consumed even on error, so a collective receive stays in step.
+    """
+    own = model.state_dict(keep_vars=True)
+    got: set[str] = set()
+    unexpected: list[str] = []
+    bad_shape: list[str] = []
+    with torch.no_grad():
+        for name, t in named:
+            dst = own.get(name)
+            if dst is None:
+                unexpected.append(name)
+                continue
+            if tuple(dst.shape) != tuple(t.shape):
+                bad_shape.append(f"{name}: {tuple(t.shape)} vs model {tuple(dst.shape)}")
+                continue
+            dst.data.copy_(t)
+            got.add(name)
+    loaded_ptrs = {own[k].data_ptr() for k in got}
+    missing = sorted(k for k in set(own) - got if own[k].data_ptr() not in loaded_ptrs)
+    if unexpected or missing or bad_shape:
+        raise ValueError(f"{what} does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}, "
+                         f"wrong shapes {bad_shape[:4]} (expected the learner's full state dict with HF names)")
+    return len(got)
