@@ -27,6 +27,12 @@ environment variable overrides:
   `dtype="auto"` runs a float32 checkpoint in bfloat16 on CPU (and fp16/bf16 on
   GPU), which puts behaviour log-probs ~1e-2 away from the learner's.
 * `enforce_eager=True` (config default) avoids torch.compile / inductor start-up.
+* Knobs passed through from the `engine` config (`vllm_engine_kwargs`):
+  `tensor_parallel_size` (> 1: `distributed_executor_backend="ray"` on the
+  generator's one-GPU bundles), `max_num_seqs`, `gpu_memory_utilization` (GPU),
+  `enable_prefix_caching`, `enforce_eager`, `attention_backend` (e.g.
+  `FLASHINFER`, which needs the GPU-only `flashinfer` package),
+  `max_num_batched_tokens`.
 * Scripts that create an engine need the `if __name__ == "__main__":` guard.
   Call `shutdown()` (or use the engine as a context manager) before exit: a
   process still holding an `LLM` may abort at interpreter exit; a
@@ -62,7 +68,7 @@ from typing import Any, Sequence
 
 from tepo_ray.engines.base import Engine, GenerationOutput, GenerationRequest, finish_output, register_engine
 
-__all__ = ["VLLMEngine", "WeightSyncExtension", "VLLM_ENV_DEFAULTS", "vllm_available"]
+__all__ = ["VLLMEngine", "WeightSyncExtension", "VLLM_ENV_DEFAULTS", "vllm_available", "vllm_engine_kwargs"]
 
 VLLM_ENV_DEFAULTS: dict[str, str] = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -197,8 +203,8 @@ class VLLMEngine(Engine):
             max_num_seqs=int(engine_cfg.max_num_seqs),
             seed=int(engine_cfg.seed),
             worker_extension_cls=f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qualname__}",
-            enable_prefix_caching=True,
         )
+        kwargs.update(vllm_engine_kwargs(engine_cfg))
         if on_gpu:
             kwargs["gpu_memory_utilization"] = float(engine_cfg.gpu_memory_utilization)
         else:
@@ -344,6 +350,28 @@ class VLLMEngine(Engine):
         self._llm = None
         self._finalizer()
         gc.collect()
+
+
+def vllm_engine_kwargs(engine_cfg: Any) -> dict[str, Any]:
+    """`vllm.LLM` arguments from the `engine` config's vLLM knobs (pure; no vLLM import).
+
+    TP > 1 uses vLLM's Ray executor: the generator actor runs in the run's placement
+    group with `placement_group_capture_child_tasks=True` and `VLLM_RAY_BUNDLE_INDICES`
+    naming its one-GPU bundles (`tepo_ray.topology`), so vLLM puts one worker per
+    TP rank on exactly those bundles.
+    """
+    tp = int(getattr(engine_cfg, "tensor_parallel_size", 1) or 1)
+    out: dict[str, Any] = {"enable_prefix_caching": bool(getattr(engine_cfg, "enable_prefix_caching", True)),
+                           "tensor_parallel_size": tp}
+    if tp > 1:
+        out["distributed_executor_backend"] = "ray"
+    backend = getattr(engine_cfg, "attention_backend", None)
+    if backend:
+        out["attention_backend"] = str(backend).upper()
+    batched = getattr(engine_cfg, "max_num_batched_tokens", None)
+    if batched:
+        out["max_num_batched_tokens"] = int(batched)
+    return out
 
 
 def _safetensors_names(path: Path) -> set[str]:

@@ -152,6 +152,8 @@ class Learner:
             `async.max_staleness` so scorers can still load every admissible behaviour version.
         temperature: sampling temperature of the generators (log-probs use logits / temperature).
         publish_initial: publish the initial weights as `v{initial_version}` at construction.
+        publish_files: write weight files at all; False when a `tepo_ray.weights` collective
+            transport carries the weights (no file is written, `publish_weights` is a no-op).
     """
 
     def __init__(
@@ -168,6 +170,7 @@ class Learner:
         temperature: float = 1.0,
         initial_version: int = 0,
         publish_initial: bool = True,
+        publish_files: bool = True,
     ) -> None:
         if keep_weight_versions < 1:
             raise ValueError(f"keep_weight_versions must be >= 1, got {keep_weight_versions}")
@@ -182,7 +185,8 @@ class Learner:
         self.seed = int(seed)
         self.device = device
         self.keep_weight_versions = int(keep_weight_versions)
-        self.temperature = float(temperature)
+        self.temperature = float(temperature) if temperature > 0 else 1.0  # greedy sampling: T = 1
+        self.publish_files = bool(publish_files)
         self.mode = _mode_name(algo_cfg.mode)
 
         random.seed(self.seed)
@@ -224,6 +228,8 @@ class Learner:
 
     def publish_weights(self) -> tuple[str, int]:
         """Write `<run_dir>/weights/v{version}.safetensors` atomically; keep the last `keep_weight_versions`."""
+        if not self.publish_files:
+            return self.latest_weights()
         path = publish_weights(
             self.model, weights_dir=self.weights_dir, version=self.version, keep=self.keep_weight_versions
         )
