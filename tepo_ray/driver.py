@@ -259,10 +259,11 @@ class Driver:
         ray.get([a.ready.remote() for a in [self.learner, *self.scorers, *self.pools.values(), *self.generators]])
         if self.resume:
             self._restore()
+        if self.collective:
+            self._form_weight_group()
         update = ray.get(self.learner.weight_update.remote())
         self.version = version = int(update["version"])
         if self.collective:
-            self._form_weight_group()
             self.weight_update = update
             if version > 0:  # resumed: every receiver gets the restored weights before anything is generated
                 ray.get(self._publish(update))
