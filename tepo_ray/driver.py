@@ -309,13 +309,30 @@ class Driver:
         if not self.weight_sends:
             return
         done, self.weight_sends = ray.wait(self.weight_sends, num_returns=len(self.weight_sends), timeout=0)
+        failed = None
         for ref in done:
             try:
                 ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
                 pass  # a restarting receiver: _poll_recovering re-forms the group and re-sends
             except ray.exceptions.RayTaskError as exc:
-                raise RuntimeError(f"weight sync failed: {str(exc).splitlines()[0][:300]}") from exc
+                failed = str(exc).splitlines()[0][:300]
+        if failed is None:
+            if done:
+                self._sync_failures = 0
+            return
+        # a receiver died mid-broadcast (the group breaks for everyone): count it, re-form, re-send
+        self._sync_failures = getattr(self, "_sync_failures", 0) + 1
+        self.counters["faults/weight_sync_failed_total"] += 1
+        if self._sync_failures > 3:
+            raise RuntimeError(f"weight sync failed {self._sync_failures} times in a row: {failed}")
+        print(f"[tepo-ray] weight sync failed ({failed}); forming the weight group again")
+        if not self.recovering:  # otherwise _poll_recovering re-forms once the actor is back
+            ray.wait(self.weight_sends, num_returns=len(self.weight_sends), timeout=float(self.cfg.weights.timeout_s))
+            self.weight_sends = []
+            self._form_weight_group()
+            if self.weight_update is not None and self.version > 0 and not self._training:
+                self._publish(self.weight_update)
 
     def _restore(self) -> None:
         import ray

@@ -36,6 +36,8 @@ top_p = 1 and a (documented) approximation for top_p < 1.
 Weights arrive through `tepo_ray.weights`: `receive_weights(update)` takes a
 `collective` update (held in memory, the last `cache_size` versions) or a
 `file` update (its path registered); the model directory is `initial_version`.
+Received versions are held in host memory (the driver keeps `max_staleness + 2`:
+for a 7B model in bf16 that is ~15 GB of RAM per version).
 """
 
 from __future__ import annotations
@@ -156,7 +158,9 @@ class EntropyScorer:
             self.register_weights(update.path or "", v)
             return v
         with receive(update) as named:
-            state = {name: t for name, t in named}  # views of the received buckets; never rewritten
+            # host memory: CPU tensors are views of the received buckets (never rewritten); GPU ones are
+            # copied out, so the last cache_size versions cost host RAM, not accelerator memory
+            state = {name: (t.to("cpu") if t.is_cuda else t) for name, t in named}
         self._states[v] = state
         self._states.move_to_end(v)
         while len(self._states) > self.cache_size:

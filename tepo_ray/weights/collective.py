@@ -29,12 +29,12 @@ buckets, a worker-side receive feeding `reload_weights`).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
 from tepo_ray.weights.buckets import pack_bucket, plan_buckets, unpack_bucket
-from tepo_ray.weights.group import get_group
+from tepo_ray.weights.group import get_group, leave
 from tepo_ray.weights.params import ParamMeta, iter_full_state, param_metadata
 from tepo_ray.weights.update import WeightUpdate
 
@@ -63,6 +63,16 @@ class CollectiveTransport:
         group = get_group(update.group or "")
         if group.rank != 0:
             raise RuntimeError(f"only rank 0 sends on weight group {group.info.name!r} (this is rank {group.rank})")
+        try:
+            return self._send(group, update, named_tensors)
+        except Exception:
+            # a receiver died (gloo sees its socket close) or timed out: drop the group so our sockets close
+            # and the other receivers' pending receives fail now instead of at the timeout
+            leave(group.info.name)
+            raise
+
+    def _send(self, group: Any, update: WeightUpdate,
+              named_tensors: Iterable[tuple[str, torch.Tensor]] | torch.nn.Module) -> int:
         it = iter_full_state(named_tensors) if isinstance(named_tensors, torch.nn.Module) else iter(named_tensors)
         sent = 0
         for idxs in plan_buckets(update.params, bucket_bytes=update.bucket_bytes):
@@ -128,5 +138,16 @@ def receive(update: WeightUpdate) -> Iterator[ReceivedWeights]:
     weights = ReceivedWeights(update)
     try:
         yield weights
-    finally:
+    except BaseException:
+        _drain_or_leave(weights)
+        raise
+    _drain_or_leave(weights)
+
+
+def _drain_or_leave(weights: ReceivedWeights) -> None:
+    """Drain the rest of the update; if the group broke (sender gone, timeout), leave it and raise."""
+    try:
         weights.drain()
+    except Exception:
+        leave(weights.group.info.name)
+        raise
