@@ -40,14 +40,13 @@ MODELS: dict[str, dict[str, Any]] = {
 def _build(shape: dict[str, Any], *, init: bool, device: str) -> Any:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    from transformers.modeling_utils import no_init_weights
 
     cfg = Qwen2Config(max_position_embeddings=512, **shape)
     torch.manual_seed(0)
     if init:
         return Qwen2ForCausalLM(cfg).to(device).eval()
-    with no_init_weights():
-        return Qwen2ForCausalLM(cfg).to(device).eval()
+    with torch.device("meta"):  # the receiver's values are overwritten: allocate without initialising
+        return Qwen2ForCausalLM(cfg).to_empty(device=device).eval()
 
 
 class Sender:

@@ -162,10 +162,22 @@ class HFEngine(Engine):
     # ------------------------------------------------------------------ weights & scoring
     def update_weights(self, source: Any, *, version: int) -> None:
         from tepo_ray.weights import load_named_tensors, receive
+        from tepo_ray.weights.params import state_mismatch
 
         update = self._weight_update(source, version=version)
-        with receive(update) as named:
-            load_named_tensors(self.model, named, what=f"weight update v{version} ({update.kind})")
+        what = f"weight update v{version} ({update.path or update.kind})"
+        if update.kind == "collective":
+            names = {p.name for p in update.params}
+        else:
+            from tepo_ray.weights.file import safetensors_names
+
+            names = safetensors_names(update.path or "")
+        problem = state_mismatch(self.model, names)
+        with receive(update) as named:  # a rejected collective update is still drained (the group stays in step)
+            if problem:
+                raise ValueError(f"{what} does not match the model: {problem} (expected the learner's full "
+                                 f"state dict with HF names); the loaded weights are kept")
+            load_named_tensors(self.model, named, what=what)
         self._version = int(version)
 
     def join_weight_group(self, info: Any, *, rank: int) -> None:

@@ -375,15 +375,9 @@ def vllm_engine_kwargs(engine_cfg: Any) -> dict[str, Any]:
 
 
 def _safetensors_names(path: Path) -> set[str]:
-    """Tensor names in a safetensors file, or in every *.safetensors file of a model directory (headers only)."""
-    from safetensors import safe_open
+    from tepo_ray.weights.file import safetensors_names
 
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path] if path.is_file() else []
-    names: set[str] = set()
-    for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as h:
-            names.update(h.keys())
-    return names
+    return safetensors_names(path)
 
 
 def _checkpoint_dtype(hf_cfg: dict[str, Any]) -> str:

@@ -86,7 +86,10 @@ class CollectiveTransport:
                                      f"announced {(m.name, m.shape, m.dtype)}; describe() and send() disagree")
                 tensors.append(t)
             nbytes = sum(m.nbytes for m in metas)
-            buf = pack_bucket(tensors, nbytes=nbytes, device=group.device)  # [nbytes] uint8
+            if len(tensors) == 1 and tensors[0].device == group.device:  # one tensor: send its bytes, no copy
+                buf = tensors[0].contiguous().reshape(-1).view(torch.uint8)  # [nbytes]
+            else:
+                buf = pack_bucket(tensors, nbytes=nbytes, device=group.device)  # [nbytes] uint8
             del tensors
             group.broadcast(buf)
             sent += nbytes

@@ -17,7 +17,20 @@ import torch
 
 from tepo_ray.weights.update import WeightUpdate
 
-__all__ = ["FileTransport", "receive"]
+__all__ = ["FileTransport", "receive", "safetensors_names"]
+
+
+def safetensors_names(path: str | Path) -> set[str]:
+    """Tensor names in a safetensors file, or in every *.safetensors file of a model directory (headers only)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path] if path.is_file() else []
+    names: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as h:
+            names.update(h.keys())
+    return names
 
 
 class FileTransport:

@@ -38,14 +38,22 @@ def test_pack_unpack_round_trips_mixed_dtypes() -> None:
         assert out[m.name].dtype == t.dtype and torch.equal(out[m.name], t)
 
 
-def test_full_state_clones_tied_weights_and_matches_metadata() -> None:
+def test_full_state_skips_tied_aliases_and_receivers_retie() -> None:
+    from tepo_ray.weights import load_named_tensors
+
     model = _tied_model()
     items = list(iter_full_state(model))
     names = [n for n, _ in items]
-    assert names == [m.name for m in param_metadata(model)] and "lm_head.weight" in names
-    d = dict(items)
-    assert torch.equal(d["lm_head.weight"], d["model.embed_tokens.weight"])
-    assert d["lm_head.weight"].data_ptr() != d["model.embed_tokens.weight"].data_ptr()
+    assert names == [m.name for m in param_metadata(model)]
+    assert "lm_head.weight" in model.state_dict() and "lm_head.weight" not in names  # tied: sent once
+    target = _tied_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert load_named_tensors(target, iter(list(iter_full_state(model))), what="t") == len(names)
+    assert torch.equal(target.lm_head.weight, model.lm_head.weight)  # re-tied through the shared parameter
+    with pytest.raises(ValueError, match="missing"):
+        load_named_tensors(target, iter(items[1:]), what="partial")
 
 
 def test_update_round_trips_and_rejects_incomplete() -> None:
