@@ -46,7 +46,10 @@ def _build(shape: dict[str, Any], *, init: bool, device: str) -> Any:
     if init:
         return Qwen2ForCausalLM(cfg).to(device).eval()
     with torch.device("meta"):  # the receiver's values are overwritten: allocate without initialising
-        return Qwen2ForCausalLM(cfg).to_empty(device=device).eval()
+        model = Qwen2ForCausalLM(cfg)
+    model = model.to_empty(device=device).eval()
+    model.tie_weights()  # to_empty allocates each module's parameter anew, which unties lm_head
+    return model
 
 
 class Sender:
