@@ -5,6 +5,11 @@
 creates, with its placement and `max_restarts=-1` in `.options(...)`. No math
 lives here.
 
+Weights arrive with `receive_weights(update)` (the `tepo_ray.weights`
+collective transport: the scorer holds the last `cache_size` versions in memory
+and the driver re-sends what a restarted scorer lost) or, with the `file`
+transport, as paths.
+
 Restartable: the only state is which weight version is loaded and where each
 version lives. A version is found again in `weights_dir`, or next to any
 registered `v{N}.safetensors` file (the learner publishes all versions into
@@ -44,6 +49,20 @@ class EntropyScorerWorker:
 
     def register_weights(self, path: str, version: int) -> None:
         self.scorer.register_weights(path, version)
+
+    def join_weight_group(self, info: dict[str, Any], rank: int) -> int:
+        """Join the learner's weight group as `rank` (blocks until all members joined)."""
+        from tepo_ray.weights import group
+
+        group.join(info, rank=rank, device=self.scorer.device if str(self.scorer.device).startswith("cuda") else None)
+        return rank
+
+    def weight_ranks(self) -> int:
+        return 1
+
+    def receive_weights(self, update: dict[str, Any]) -> int:
+        """Receive a published version (`tepo_ray.weights.WeightUpdate` dict) while the learner sends it."""
+        return self.scorer.receive_weights(update)
 
     def score(
         self,

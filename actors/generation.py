@@ -2,14 +2,22 @@
 
 A plain class first (`GenerationWorker`), made a Ray actor by the driver with
 `ray.remote(GenerationWorker)`. It is an async actor: many groups are in flight
-at once and their turns are batched into one engine call; `set_weights` only
-records the newest version, which is applied between engine calls (between
-turns), so generation never waits for the learner.
+at once and their turns are batched into one engine call. Weights change only
+between engine calls (between turns), and every generated token records the
+version that sampled it:
+
+* `file` updates: `set_weights` records the newest one; it is applied before
+  the next engine call, so generation never waits for the learner;
+* `collective` updates: the learner is broadcasting now, so `set_weights`
+  receives at once — after the engine call in progress, if any, finishes (the
+  engine lock is taken before the batch's version is read and released when
+  its `generate` returns, so a batch is sampled by exactly the version it records).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
@@ -36,6 +44,23 @@ class PoolToolRouter:
         return ToolOutcome(res.observation, res.error, res.latency_s)
 
 
+class _LockedEngine:
+    """The engine as the batcher sees it: `generate` releases the lock `before_batch` took."""
+
+    def __init__(self, engine: Any, lock: threading.Lock):
+        self._engine = engine
+        self._lock = lock
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._engine.generate(*args, **kwargs)
+        finally:
+            self._lock.release()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
 class GenerationWorker:
     def __init__(self, *, engine_cfg: Any, model_path: str, pools: dict[str, Any], max_observation_chars: int,
                  name: str = "generator-0"):
@@ -50,11 +75,13 @@ class GenerationWorker:
         stops = stop_token_ids(self.tokenizer)
         if self.tokenizer.eos_token_id is not None:
             stops.append(self.tokenizer.eos_token_id)
-        self._pending: tuple[str, int] | None = None
+        self._pending: tuple[Any, int] | None = None
         self._created = time.time()
         self.weight_loads = 0
+        self._engine_lock = threading.Lock()  # held from before_batch until the batch's generate returns
         sampling = dict(temperature=engine_cfg.temperature, top_p=engine_cfg.top_p, stop_token_ids=stops)
-        self.batcher = EngineBatcher(self.engine, sampling=sampling, before_batch=self._apply_pending)
+        self.batcher = EngineBatcher(_LockedEngine(self.engine, self._engine_lock), sampling=sampling,
+                                     before_batch=self._apply_pending)
         self.loop = AgentLoop(batcher=self.batcher, tokenizer=self.tokenizer,
                               tools=PoolToolRouter(pools, max_observation_chars=max_observation_chars),
                               engine_cfg=engine_cfg, max_observation_chars=max_observation_chars,
@@ -63,15 +90,41 @@ class GenerationWorker:
     def ready(self) -> dict[str, Any]:
         return {"name": self.name, "version": int(self.engine.version)}
 
-    async def set_weights(self, path: str, version: int) -> None:
-        """Record the newest weights; applied before the next engine call."""
+    def join_weight_group(self, info: dict[str, Any], rank: int) -> int:
+        """Join the learner's weight group as ranks rank..rank+weight_ranks-1 (blocks until all joined)."""
+        self.engine.join_weight_group(info, rank=rank)
+        return rank
+
+    def weight_ranks(self) -> int:
+        return int(self.engine.weight_ranks)
+
+    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Teacher-forced log-probs under the engine's current weights (checks a weight sync)."""
+        with self._engine_lock:
+            return self.engine.sequence_logprobs(sequences)
+
+    async def set_weights(self, source: Any, version: int) -> None:
+        """New weights: a `WeightUpdate` dict (or a file path). Collective: received now; file: before the next turn.
+
+        Runs on the actor's event loop, so it never interleaves with a batch being
+        started; blocking here while receiving is intended (generation pauses)."""
+        if isinstance(source, dict) and source.get("kind") == "collective":
+            with self._engine_lock:  # waits for the engine call in progress
+                self.engine.update_weights(source, version=version)
+            self.weight_loads += 1
+            return
         if self._pending is None or version > self._pending[1]:
-            self._pending = (path, version)
+            self._pending = (source, version)
 
     def _apply_pending(self) -> None:
+        self._engine_lock.acquire()  # released by _LockedEngine.generate when this batch is done
         pending, self._pending = self._pending, None
         if pending is not None and pending[1] > int(self.engine.version):
-            self.engine.update_weights(pending[0], version=pending[1])
+            try:
+                self.engine.update_weights(pending[0], version=pending[1])
+            except BaseException:
+                self._engine_lock.release()
+                raise
             self.weight_loads += 1
 
     async def generate_group(self, item: dict[str, Any], *, group_id: str, group_size: int) -> list[dict[str, Any]]:

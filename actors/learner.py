@@ -19,6 +19,13 @@ cannot rejoin a running group: restart the whole group. A single learner on a
 GPU with `dtype` bf16/fp16 is sharded too, as a world of one, so its master
 weights and optimizer state stay fp32. `device="auto"` (what the driver passes)
 is the bundle's GPU when it has one, else CPU.
+
+Weight publication goes through `tepo_ray.weights` (`weights_cfg.transport`):
+`collective` — the learner is rank 0 of a weight group (`open_weight_group`,
+then `join_weight_group` with every receiver at once) and `send_weights`
+broadcasts a version while the receivers receive it; no file is written.
+`file` — each step writes `<run_dir>/weights/v{N}.safetensors` (opt-in, one node).
+`train_step_and_publish` returns the `WeightUpdate` dict receivers need.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import ray
 from tepo_ray.records import Trajectory
 from tepo_ray.trainer.checkpoint import load_latest
 from tepo_ray.trainer.learner import Learner
+from tepo_ray.weights import WeightUpdate, group, make_transport
 
 __all__ = ["LearnerWorker", "LearnerActor", "as_trajectories"]
 
@@ -55,8 +63,10 @@ class LearnerWorker:
         world_size: int = 1,
         master_addr: str | None = None,
         master_port: int | None = None,
+        weights_cfg: Any = None,
         **learner_kwargs: Any,
     ) -> None:
+        """`weights_cfg`: the `weights` config (transport); None = the `file` transport."""
         from tepo_ray.distributed import process_group
         from tepo_ray.distributed.device import select_device
 
@@ -75,9 +85,17 @@ class LearnerWorker:
             learner_kwargs["sharded"] = True
         ckpt_dir = Path(trainer_cfg.checkpoint_dir) if trainer_cfg.checkpoint_dir else Path(run_dir) / "checkpoints"
         resuming = resume and load_latest(ckpt_dir) is not None
+        if weights_cfg is None:
+            from types import SimpleNamespace
+
+            weights_cfg = SimpleNamespace(transport="file", bucket_mb=256)
+        self.weights_cfg = weights_cfg
+        keep = int(learner_kwargs.get("keep_weight_versions", 4))
+        self.transport = make_transport(weights_cfg, weights_dir=Path(run_dir) / "weights", keep=keep)
+        files = self.transport.kind == "file"
         self.learner = Learner(
             model_path, algo_cfg=algo_cfg, trainer_cfg=trainer_cfg, run_dir=run_dir, seed=seed,
-            publish_initial=not resuming, **learner_kwargs,
+            publish_initial=files and not resuming, publish_files=files, **learner_kwargs,
         )
         self._restored: dict[str, Any] | None = self.learner.restore(ckpt_dir) if resuming else None
         self._last_rewards: list[tuple[str, float, float]] = []
@@ -104,17 +122,99 @@ class LearnerWorker:
 
     def train_step_and_publish(
         self, trajectories: Sequence[Trajectory | dict[str, Any]]
-    ) -> tuple[dict[str, float], str, int]:
-        """`train_step`, then (metrics, path, version) of the weights it published."""
+    ) -> tuple[dict[str, float], dict[str, Any], int]:
+        """`train_step`, then (metrics, WeightUpdate dict, version) of the new weights.
+
+        `file`: the file is already written. `collective`: the caller starts `send_weights(update)`
+        here and the receivers' receive together."""
         metrics = self.train_step(trajectories)
-        path, version = self.learner.latest_weights()
-        return metrics, path, version
+        return metrics, self.weight_update(), self.learner.version
+
+    # ------------------------------------------------------------------ weight publication
+    # Only learner rank 0 is a member of the weight group. In a sharded group every method is called
+    # on every rank (LearnerGroup); the other ranks return None / 0 at once, except `send_weights`,
+    # where they take part in gathering the full tensors from the FSDP2 shards (a collective).
+    def _send_dtype(self) -> Any:
+        """What receivers get: the compute dtype (`model.dtype`); sharded fp32 masters are cast to it."""
+        from tepo_ray.trainer.checkpoint import DTYPES
+
+        return DTYPES.get(self.learner.compute_dtype)
+
+    def weight_update(self) -> dict[str, Any] | None:
+        """The `WeightUpdate` (as a dict) of the current version (rank 0; None on other ranks)."""
+        if self.learner.rank != 0:
+            return None
+        return self.transport.describe(self.learner.model, version=self.learner.version,
+                                       dtype=self._send_dtype()).to_dict()
+
+    def open_weight_group(self, *, name: str, world_size: int, backend: str = "auto",
+                          timeout_s: float = 600.0) -> dict[str, Any] | None:
+        """Rank 0's rendezvous endpoint on this node (returns at once); every member then joins with it."""
+        import ray
+
+        if self.learner.rank != 0:
+            return None
+        host = ray.util.get_node_ip_address()
+        info = group.open_endpoint(name=name, host=host, world_size=world_size, backend=backend, timeout_s=timeout_s)
+        return info.to_dict()
+
+    def join_weight_group(self, info: dict[str, Any]) -> int:
+        """Join as rank 0 (blocks until every receiver joined); later updates are sent on this group."""
+        if self.learner.rank != 0:
+            return 0
+        old = getattr(self.transport, "group_name", None)
+        dev = next(self.learner.model.parameters()).device
+        group.join(info, rank=0, device=dev if dev.type == "cuda" else None)
+        if old and old != info["name"]:
+            group.leave(old)
+        self.transport.group_name = info["name"]
+        return 0
+
+    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Teacher-forced log π(s[t] | s[:t]) (temperature 1) of the learner's current weights, per sequence."""
+        import torch
+
+        model = self.learner.model
+        was_training = model.training
+        model.eval()
+        dev = next(model.parameters()).device
+        try:
+            with torch.no_grad():
+                out = []
+                for seq in sequences:
+                    ids = torch.tensor([list(seq)], device=dev)  # [1, T]
+                    logits = model(input_ids=ids).logits[0, :-1].float()  # [T-1, V]
+                    out.append(torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1).tolist())
+                return out
+        finally:
+            model.train(was_training)
+
+    def send_weights(self, update: dict[str, Any]) -> dict[str, float]:
+        """Send `update` (must be the current version) to every receiver; returns bytes and seconds.
+
+        Sharded ranks other than 0 gather the full tensors with rank 0 and drop them."""
+        import time
+
+        from tepo_ray.weights.params import iter_full_state
+
+        u = WeightUpdate.from_dict(update)
+        if u.version != self.learner.version:
+            raise ValueError(f"send_weights: update is v{u.version}, the learner holds v{self.learner.version}")
+        t0 = time.perf_counter()
+        named = iter_full_state(self.learner.model, dtype=self._send_dtype())
+        if self.learner.rank != 0:
+            for _ in named:  # the all-gathers of every sharded parameter, in rank 0's order
+                pass
+            return {"bytes": 0.0, "seconds": time.perf_counter() - t0}
+        sent = self.transport.send(u, named)
+        return {"bytes": float(sent), "seconds": time.perf_counter() - t0}
 
     def last_rewards(self) -> list[tuple[str, float, float]]:
         """(uid, score, reward) of every trajectory of the last step (rewards are computed here)."""
         return list(self._last_rewards)
 
     def publish_weights(self) -> tuple[str, int]:
+        """`file` transport only: write the current version's file; (path, version)."""
         return self.learner.publish_weights()
 
     def latest_weights(self) -> tuple[str, int]:

@@ -27,6 +27,7 @@ __all__ = [
     "AlgoMode",
     "EngineName",
     "PlacementStrategy",
+    "WeightTransport",
     "TepoConfig",
     "load_config",
     "to_yaml",
@@ -48,6 +49,11 @@ class AlgoMode(str, enum.Enum):
 class EngineName(str, enum.Enum):
     HF = "hf"
     VLLM = "vllm"
+
+
+class WeightTransport(str, enum.Enum):
+    COLLECTIVE = "collective"  # gloo (CPU) / NCCL (GPU) broadcast from the learner; no shared filesystem
+    FILE = "file"  # a safetensors file per version read back by path (single-node debugging)
 
 
 class PlacementStrategy(str, enum.Enum):
@@ -129,6 +135,11 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.5
     enforce_eager: bool = True
     seed: int = 0
+    # vLLM knobs (ignored by the hf engine, which supports tensor_parallel_size=1 only)
+    tensor_parallel_size: int = 1  # GPUs per generator; > 1 runs vLLM's Ray executor on one bundle per TP rank
+    enable_prefix_caching: bool = True
+    attention_backend: Optional[str] = None  # e.g. FLASH_ATTN | FLASHINFER | TRITON_ATTN; null = vLLM's choice
+    max_num_batched_tokens: Optional[int] = None  # null = vLLM's default
 
     def __post_init__(self) -> None:
         _check(self.temperature >= 0, "engine.temperature", self.temperature, ">= 0")
@@ -139,6 +150,9 @@ class EngineConfig:
         _check(self.max_context > 0, "engine.max_context", self.max_context, "> 0")
         _check(0 < self.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization",
                self.gpu_memory_utilization, "in (0, 1]")
+        _check(self.tensor_parallel_size >= 1, "engine.tensor_parallel_size", self.tensor_parallel_size, ">= 1")
+        _check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+               "engine.max_num_batched_tokens", self.max_num_batched_tokens, "null or >= 1")
 
 
 @dataclass
@@ -341,6 +355,21 @@ class LoggingConfig:
 
 
 @dataclass
+class WeightsConfig:
+    """How new policy versions reach generators and scorers (`tepo_ray.weights`)."""
+
+    transport: WeightTransport = WeightTransport.COLLECTIVE
+    backend: str = "auto"  # collective backend: auto (nccl with CUDA, else gloo) | gloo | nccl
+    bucket_mb: float = 256.0  # bytes per broadcast: peak extra memory per receiver ~ max(bucket, largest tensor)
+    timeout_s: float = 600.0  # a collective that waits longer fails (a receiver died)
+
+    def __post_init__(self) -> None:
+        _check(self.backend in ("auto", "gloo", "nccl"), "weights.backend", self.backend, "auto|gloo|nccl")
+        _check(self.bucket_mb > 0, "weights.bucket_mb", self.bucket_mb, "> 0")
+        _check(self.timeout_s > 0, "weights.timeout_s", self.timeout_s, "> 0")
+
+
+@dataclass
 class TepoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -352,8 +381,16 @@ class TepoConfig:
     async_: AsyncConfig = field(default_factory=AsyncConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
 
     def __post_init__(self) -> None:
+        tp = self.engine.tensor_parallel_size
+        if tp > 1:
+            name = getattr(self.engine.name, "value", self.engine.name)
+            _check(name == "vllm", "engine.tensor_parallel_size", tp, f"1 with engine.name={name} (TP needs vllm)")
+            _check(self.topology.generators.num_gpus == tp, "topology.generators.num_gpus",
+                   self.topology.generators.num_gpus,
+                   f"== engine.tensor_parallel_size ({tp}): one GPU per TP rank of each generator")
         _check(
             self.engine.max_new_tokens <= self.engine.max_context,
             "engine.max_new_tokens",

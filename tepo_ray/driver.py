@@ -18,19 +18,32 @@ What runs (DESIGN.md sections 1–2):
    (learner version − behaviour version) exceeds `max_staleness` is dropped,
    counted and logged — never trained on. Rewards (grpo | sparse | dense) and
    advantages are computed in the learner by `tepo_ray.algo`.
-5. **Publication.** The learner writes versioned weights; the driver broadcasts
-   the path to generators (in-place load) and keeps it for scorers.
+5. **Publication** (`tepo_ray.weights`, `weights.transport`). `collective`
+   (default): the learner is rank 0 of a gloo/NCCL weight group that every
+   generator engine (each vLLM worker) and scorer joined at start; after each
+   step the driver starts the learner's broadcast and every receiver's receive
+   together, bucket by bucket, and only metadata crosses Ray — no file, no
+   shared filesystem. Generators load between turns; scorers keep the last
+   `max_staleness + 2` versions in memory. `file` (opt-in, one node): the
+   learner writes `v{N}.safetensors` and receivers read it by path.
 
 `max_staleness = 0` is exact synchronous GRPO: only one batch is ever admitted
-per version, so every sample is on-policy. Departures from the paper: the
-importance ratio uses behaviour log-probs from the scorer (recomputed with the
-behaviour version's weights), not the engine's sampler log-probs; a trajectory
-that spans a weight update is scored with its oldest version (recorded in
-`Trajectory.versions`).
+per version, so every sample is on-policy. Behaviour policy per token: a
+trajectory that spans a weight update is scored turn by turn, each token with
+the version that sampled it (`Trajectory.versions`), so neither the importance
+ratio nor ΔH uses weights that did not sample the token; staleness is measured
+from its oldest version. Log-probs and entropies (scorer and learner) use
+`logits / engine.temperature`, the distribution that sampled; `top_p` is not
+applied (see `tepo_ray.trainer.scorer`). Departure from the paper: the
+importance ratio uses behaviour log-probs recomputed by the scorer, not the
+engine's sampler log-probs.
 
 Fault handling: actors are created with `max_restarts=-1`. A generator or
 scorer that dies has its in-flight group re-queued (counted in
-`faults/groups_retried_total`) and is re-sent the current weights once back.
+`faults/groups_retried_total`) and is re-sent the current weights once back
+(collective: the weight group is formed again with every member, then the
+current version is broadcast; a restarted scorer has lost older versions, so
+groups that need them fail scoring and are re-generated).
 """
 
 from __future__ import annotations
@@ -91,6 +104,11 @@ def _tools_cfg(cfg: DictConfig, kind: str, index_dir: str | None) -> Any:
     return tools
 
 
+def _transport_name(cfg: DictConfig) -> str:
+    t = cfg.weights.transport if "weights" in cfg else "file"
+    return str(getattr(t, "value", t))
+
+
 def _truncate_metrics(path: Path, *, keep_through_step: int) -> None:
     """On resume, drop metric lines of steps after the checkpoint (they are redone), atomically."""
     if not path.exists():
@@ -144,7 +162,11 @@ class Driver:
         self.counters = collections.Counter()
         self.attempts: dict[int, int] = {}  # item index -> failed attempts
         self.recovering: dict[tuple[str, int], tuple[Any, float]] = {}  # (role, index) -> (ready ref, since)
-        self.weight_paths: dict[int, str] = {0: assets.model_path}
+        self.weight_paths: dict[int, str] = {0: assets.model_path}  # file transport: version -> path
+        self.weight_update: dict[str, Any] | None = None  # collective: the newest version's WeightUpdate
+        self.weight_sends: list[Any] = []  # refs of broadcasts in flight (errors surface in the loop)
+        self.collective = _transport_name(cfg) == "collective"
+        self._training = False
         self.generator_cls = generator_cls
         self.generator_kwargs = dict(generator_kwargs or {})
         self.scorer_cls = scorer_cls
@@ -184,12 +206,15 @@ class Driver:
                         max_restarts=-1, **extra)
 
         cfg = self.cfg
-        self.learner = self._start_learner(opts)
+        temperature = float(cfg.engine.temperature)  # log-probs / entropies of the sampling distribution
+        self.learner = self._start_learner(opts, temperature)
+        scorer_kwargs = {"temperature": temperature, "cache_size": cfg.async_.max_staleness + 2,
+                         "device": "auto", "dtype": cfg.model.dtype, **self.scorer_kwargs}
         scorer_cls = ray.remote(self.scorer_cls) if self.scorer_cls else EntropyScorerActor
         self.scorers = [
             scorer_cls.options(**opts(b)).remote(
                 self.assets.model_path, algo_cfg=cfg.algo, weights_dir=str(self.run_dir / "weights"),
-                name=f"scorer-{b.replica}", **{"device": "auto", "dtype": cfg.model.dtype, **self.scorer_kwargs})
+                name=f"scorer-{b.replica}", **scorer_kwargs)
             for b in self.plan.for_role("scorers")
         ]
         self.pools: dict[str, Any] = {}
@@ -205,8 +230,21 @@ class Driver:
                 resources=_worker_resources(bundles, cfg.tools[kind].max_workers),
                 placement_group=self.pg, bundle_indices=[b.index for b in bundles])
         gen_cls = ray.remote(self.generator_cls or GenerationWorker)
+
+        def gen_opts(b):
+            tp_bundles = self.plan.tp_bundle_indices(b.replica)
+            if not tp_bundles:
+                return opts(b, max_concurrency=10_000)
+            # TP > 1: vLLM's Ray executor places one worker per one-GPU bundle of this placement group
+            env = {**QUIET_ENV, "VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, tp_bundles))}
+            return dict(num_cpus=b.num_cpus, num_gpus=0, max_restarts=-1, max_concurrency=10_000,
+                        runtime_env={"env_vars": env},
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(
+                            placement_group=self.pg, placement_group_bundle_index=b.index,
+                            placement_group_capture_child_tasks=True))
+
         self.generators = [
-            gen_cls.options(**opts(b, max_concurrency=10_000)).remote(
+            gen_cls.options(**gen_opts(b)).remote(
                 engine_cfg=cfg.engine, model_path=self.assets.model_path, pools=self.pools,
                 max_observation_chars=cfg.tools.max_observation_chars, name=f"generator-{b.replica}",
                 **self.generator_kwargs)
@@ -215,13 +253,82 @@ class Driver:
         ray.get([a.ready.remote() for a in [self.learner, *self.scorers, *self.pools.values(), *self.generators]])
         if self.resume:
             self._restore()
-        path, version = ray.get(self.learner.latest_weights.remote())
-        self.weight_paths[version] = path
-        self.version = version
-        if version > 0:
-            ray.get([g.set_weights.remote(path, version) for g in self.generators])
+        if self.collective:
+            self._form_weight_group()
+        update = ray.get(self.learner.weight_update.remote())
+        self.version = version = int(update["version"])
+        if self.collective:
+            self.weight_update = update
+            if version > 0:  # resumed: every receiver gets the restored weights before anything is generated
+                ray.get(self._publish(update))
+        else:
+            self.weight_paths[version] = update["path"]
+            if version > 0:
+                ray.get([g.set_weights.remote(update["path"], version) for g in self.generators])
 
-    def _start_learner(self, opts: Any) -> Any:
+    # ---------------------------------------------------------------- weight sync
+    def _receivers(self) -> list[Any]:
+        return [*self.generators, *self.scorers]
+
+    def _form_weight_group(self) -> None:
+        """(Re)form the collective weight group: learner rank 0, then each receiver's ranks."""
+        import ray
+
+        ranks = ray.get([r.weight_ranks.remote() for r in self._receivers()])
+        world = 1 + sum(ranks)
+        wc = self.cfg.weights
+        name = f"tepo-{uuid.uuid4().hex[:8]}"
+        info = ray.get(self.learner.open_weight_group.remote(name=name, world_size=world, backend=wc.backend,
+                                                             timeout_s=float(wc.timeout_s)))
+        refs = [self.learner.join_weight_group.remote(info)]
+        offset = 1
+        for r, n in zip(self._receivers(), ranks):
+            refs.append(r.join_weight_group.remote(info, offset))
+            offset += n
+        ray.get(refs, timeout=float(wc.timeout_s))
+
+    def _publish(self, update: dict[str, Any]) -> list[Any]:
+        """Start the learner's broadcast of `update` and every receiver's receive; returns their refs."""
+        v = int(update["version"])
+        send = self.learner.send_weights.remote(update)
+        refs = [send, *[g.set_weights.remote(update, v) for g in self.generators],
+                *[s.receive_weights.remote(update) for s in self.scorers]]
+        self.weight_sends.extend(refs)
+        return refs
+
+    def _check_weight_sends(self) -> None:
+        """Surface a failed broadcast or receive (a hung one fails after weights.timeout_s)."""
+        import ray
+
+        if not self.weight_sends:
+            return
+        done, self.weight_sends = ray.wait(self.weight_sends, num_returns=len(self.weight_sends), timeout=0)
+        failed = None
+        for ref in done:
+            try:
+                ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                pass  # a restarting receiver: _poll_recovering re-forms the group and re-sends
+            except ray.exceptions.RayTaskError as exc:
+                failed = str(exc).splitlines()[0][:300]
+        if failed is None:
+            if done:
+                self._sync_failures = 0
+            return
+        # a receiver died mid-broadcast (the group breaks for everyone): count it, re-form, re-send
+        self._sync_failures = getattr(self, "_sync_failures", 0) + 1
+        self.counters["faults/weight_sync_failed_total"] += 1
+        if self._sync_failures > 3:
+            raise RuntimeError(f"weight sync failed {self._sync_failures} times in a row: {failed}")
+        print(f"[tepo-ray] weight sync failed ({failed}); forming the weight group again")
+        if not self.recovering:  # otherwise _poll_recovering re-forms once the actor is back
+            ray.wait(self.weight_sends, num_returns=len(self.weight_sends), timeout=float(self.cfg.weights.timeout_s))
+            self.weight_sends = []
+            self._form_weight_group()
+            if self.weight_update is not None and self.version > 0 and not self._training:
+                self._publish(self.weight_update)
+
+    def _start_learner(self, opts: Any, temperature: float) -> Any:
         """One learner actor, or with `topology.learner.replicas = N > 1` a `LearnerGroup` of N FSDP2 ranks
         (one per learner bundle; a rank is not restarted alone, it could not rejoin the group).
         Each runs on its bundle's device ("auto") in `model.dtype`."""
@@ -233,7 +340,9 @@ class Driver:
         cfg = self.cfg
         actor_cls = ray.remote(self.learner_cls) if self.learner_cls else LearnerActor
         kwargs = dict(algo_cfg=cfg.algo, trainer_cfg=cfg.trainer, run_dir=str(self.run_dir), seed=cfg.trainer.seed,
-                      resume=self.resume, **{"device": "auto", "dtype": cfg.model.dtype, **self.learner_kwargs})
+                      resume=self.resume, weights_cfg=cfg.weights, temperature=temperature,
+                      keep_weight_versions=cfg.async_.max_staleness + 2,
+                      **{"device": "auto", "dtype": cfg.model.dtype, **self.learner_kwargs})
         bundles = self.plan.for_role("learner")
         if len(bundles) == 1:
             return actor_cls.options(**opts(bundles[0])).remote(self.assets.model_path, **kwargs)
@@ -284,6 +393,7 @@ class Driver:
         to_score: list[_Group] = []  # generated, waiting for a live scorer
         while self.step < cfg.trainer.steps:
             self._poll_recovering()
+            self._check_weight_sends()
             # ---- admission (staleness bound + in-flight cap)
             live = len(gen_inflight) + len(to_score) + len(score_inflight) + len(buffer) + len(train_batch)
             # AReaL-style: groups trained so far + groups alive may not exceed (v + s + 1) batches, so
@@ -311,8 +421,8 @@ class Driver:
                 rr_score = si + 1
                 group = to_score.pop(0)
                 bv = group.behaviour_version
-                known = bv in self.weight_paths
-                sref = self.scorers[si].score.remote(  # unknown versions are found in run_dir/weights
+                known = bv in self.weight_paths and not self.collective  # collective: scorers hold versions
+                sref = self.scorers[si].score.remote(  # file: unknown versions are found in run_dir/weights
                     [t.to_dict() for t in group.trajectories],
                     weights_path=self.weight_paths[bv] if known else None, version=bv if known else None)
                 score_inflight[sref] = (group, si)
@@ -344,14 +454,19 @@ class Driver:
                     group.trajectories = scored
                     buffer.append(group)
                 elif ref is train_ref:
-                    metrics, path, version = ray.get(train_ref)
+                    metrics, update, version = ray.get(train_ref)
                     train_ref = None
+                    self._training = False
                     self.version = version
-                    self.weight_paths[version] = path
-                    for old in [v for v in self.weight_paths if v < version - s - 1 and v != 0]:
-                        self.weight_paths.pop(old)
-                    for g in self.generators:
-                        g.set_weights.remote(path, version)
+                    if self.collective:
+                        self.weight_update = update
+                        self._publish(update)
+                    else:
+                        self.weight_paths[version] = update["path"]
+                        for old in [v for v in self.weight_paths if v < version - s - 1 and v != 0]:
+                            self.weight_paths.pop(old)
+                        for g in self.generators:
+                            g.set_weights.remote(update["path"], version)
                     self.step += 1
                     now = time.perf_counter()
                     record = self._step_metrics(metrics, train_batch, step_time=now - t_last,
@@ -383,6 +498,7 @@ class Driver:
                     buffer = batch + buffer
                     continue
                 train_batch = batch
+                self._training = True
                 train_ref = self.learner.train_step_and_publish.remote(
                     [t.to_dict() for g in batch for t in g.trajectories])
 
@@ -454,7 +570,13 @@ class Driver:
                     self.recovering[(role, index)] = (self._actors(role)[index].ready.remote(), time.monotonic())
                 continue
             del self.recovering[(role, index)]
-            if role == "generator":
+            if self.collective:
+                self._form_weight_group()  # the restarted actor is a new process: every member joins again
+                # a step in flight publishes the next version to everyone anyway (the learner no longer
+                # holds this one by the time a send queued behind the step would run)
+                if self.weight_update is not None and self.version > 0 and not self._training:
+                    self._publish(self.weight_update)
+            elif role == "generator":
                 self._resend_weights(self.generators[index])
             print(f"[tepo-ray] {role}-{index} is back")
 

@@ -5,6 +5,12 @@ generators, scorers, learner, python tool pool, search tool pool. Tool-pool
 bundles are shared by that pool's workers (`tools.<kind>.max_workers` workers
 split the bundle's CPUs), so `pool.scale(n)` at run time never needs a new
 placement group.
+
+A generator with `engine.tensor_parallel_size` = TP > 1 gets 1 + TP bundles: one
+for the actor itself (its CPUs, no GPU) and TP bundles of exactly one GPU
+(role `generator_gpus`, same replica), the layout vLLM's Ray executor expects
+(it refuses bundles with more than one GPU and puts one worker per GPU bundle
+named in `VLLM_RAY_BUNDLE_INDICES`).
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ from typing import Any
 
 from rich.table import Table
 
-__all__ = ["ROLES", "Bundle", "TopologyPlan", "plan_topology"]
+__all__ = ["ROLES", "TP_ROLE", "Bundle", "TopologyPlan", "plan_topology"]
 
 ROLES = ("generators", "scorers", "learner", "python_tools", "search_tools")
+TP_ROLE = "generator_gpus"  # the one-GPU bundles of a TP > 1 generator
 
 
 @dataclass(frozen=True)
@@ -28,7 +35,7 @@ class Bundle:
     num_gpus: float
 
     def resources(self) -> dict[str, float]:
-        res = {"CPU": self.num_cpus}
+        res = {"CPU": self.num_cpus} if self.num_cpus > 0 or self.num_gpus <= 0 else {}
         if self.num_gpus > 0:
             res["GPU"] = self.num_gpus
         return res
@@ -49,6 +56,10 @@ class TopologyPlan:
     @property
     def total_gpus(self) -> float:
         return sum(b.num_gpus for b in self.bundles)
+
+    def tp_bundle_indices(self, replica: int) -> list[int]:
+        """Placement-group indices of generator `replica`'s one-GPU bundles (empty when TP = 1)."""
+        return [b.index for b in self.bundles if b.role == TP_ROLE and b.replica == replica]
 
     def bundle_specs(self) -> list[dict[str, float]]:
         return [b.resources() for b in self.bundles]
@@ -81,7 +92,13 @@ def plan_topology(cfg: Any) -> TopologyPlan:
             replicas = 0
         if role == "search_tools" and not needs_search(cfg):
             replicas = 0  # no search pool is started: reserve nothing for it
+        tp = int(getattr(cfg.engine, "tensor_parallel_size", 1) or 1) if role == "generators" else 1
         for i in range(replicas):
+            if tp > 1:  # the actor's CPUs, then one GPU per TP rank (topology.generators.num_gpus == TP)
+                bundles.append(Bundle(role, i, len(bundles), float(r.num_cpus), 0.0))
+                for _ in range(tp):
+                    bundles.append(Bundle(TP_ROLE, i, len(bundles), 0.0, float(r.num_gpus) / tp))
+                continue
             bundles.append(Bundle(role, i, len(bundles), float(r.num_cpus), float(r.num_gpus)))
     for role in ("generators", "learner"):
         if not any(b.role == role for b in bundles):

@@ -15,9 +15,14 @@ Every engine (DESIGN.md section 2, "Engines") implements `Engine`:
   1, no top-p) whose weights are `version`: the behaviour log-prob the
   importance ratio needs. It is the quantity a teacher-forced forward of the
   same weights gives, whatever temperature / top-p the sample was drawn with.
-* `update_weights(path, version=)` loads a safetensors file written by the
-  learner (`tepo_ray.models.tiny.save_weights_safetensors`) in place, without
-  restarting the engine; later calls sample from the new weights.
+* `update_weights(source, version=)` loads new weights in place, without
+  restarting the engine; later calls sample from the new weights. `source` is
+  a `tepo_ray.weights.WeightUpdate` (or its dict) from the learner's transport
+  — `collective`: received bucket by bucket on the weight group the engine
+  joined with `join_weight_group(info, rank=)`; `file`: read from its path — or
+  a safetensors file path (shorthand for a `file` update).
+* `weight_ranks` is how many ranks of the weight group the engine needs (1, or
+  one per tensor-parallel worker of a vLLM engine: each receives full tensors).
 * `sequence_logprobs(sequences)` is the teacher-forced log-prob of tokens[1:]
   under the current weights (used to check weight sync).
 
@@ -100,8 +105,19 @@ class Engine(abc.ABC):
         """
 
     @abc.abstractmethod
-    def update_weights(self, path: str, *, version: int) -> None:
-        """Load the safetensors file at `path` into the running engine; `self.version = version`."""
+    def update_weights(self, source: Any, *, version: int) -> None:
+        """Load a `WeightUpdate` (or a safetensors file path) into the running engine; `self.version = version`."""
+
+    @abc.abstractmethod
+    def join_weight_group(self, info: Any, *, rank: int) -> None:
+        """Join the learner's weight group (`tepo_ray.weights.group.GroupInfo`) as ranks rank..rank+weight_ranks-1.
+
+        Blocks until every member has joined (the driver calls all members at once)."""
+
+    @property
+    def weight_ranks(self) -> int:
+        """Ranks this engine occupies in the weight group."""
+        return 1
 
     @abc.abstractmethod
     def sequence_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
@@ -180,11 +196,17 @@ class Engine(abc.ABC):
             if bad is not None:
                 raise ValueError(f"sequences[{i}] contains {bad!r}; expected token ids in [0, {self.vocab_size})")
 
-    def _check_weights_path(self, path: str) -> str:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"weight file {path!r} does not exist (expected a safetensors file from the learner)")
-        return os.path.abspath(path)
+    def _weight_update(self, source: Any, *, version: int) -> Any:
+        """`source` as a `WeightUpdate`; a file path must exist."""
+        from tepo_ray.weights import as_update
+
+        update = as_update(source, version=version)
+        if update.kind == "file":
+            if not os.path.isfile(update.path or ""):
+                raise FileNotFoundError(
+                    f"weight file {update.path!r} does not exist (expected a safetensors file from the learner)")
+            update.path = os.path.abspath(update.path or "")
+        return update
 
 
 def finish_output(

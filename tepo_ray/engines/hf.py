@@ -5,6 +5,8 @@ batches of `engine.max_num_seqs`, left-padded, prefilled once and decoded one
 token per step with a `DynamicCache`; position ids come from the attention mask
 so padding never shifts a prompt. Sampling is temperature / top-p over the
 float32 logits with a seeded `torch.Generator` (temperature 0 = argmax);
+weights are updated in place from a `tepo_ray.weights` update (collective
+broadcast bucket by bucket, or a file);
 `logprobs` are `log_softmax` of the raw logits (the unmodified policy).
 Finished rows keep decoding padding until the whole batch is done; their extra
 tokens are dropped.
@@ -158,13 +160,30 @@ class HFEngine(Engine):
         return ([row[:n] for row, n in zip(tok_m, budgets)], [row[:n] for row, n in zip(lp_m, budgets)])
 
     # ------------------------------------------------------------------ weights & scoring
-    def update_weights(self, path: str, *, version: int) -> None:
-        from tepo_ray.models.tiny import load_state_from_safetensors
+    def update_weights(self, source: Any, *, version: int) -> None:
+        from tepo_ray.weights import load_named_tensors, receive
+        from tepo_ray.weights.params import state_mismatch
 
-        path = self._check_weights_path(path)
-        with torch.no_grad():
-            load_state_from_safetensors(self.model, path)
+        update = self._weight_update(source, version=version)
+        what = f"weight update v{version} ({update.path or update.kind})"
+        if update.kind == "collective":
+            names = {p.name for p in update.params}
+        else:
+            from tepo_ray.weights.file import safetensors_names
+
+            names = safetensors_names(update.path or "")
+        problem = state_mismatch(self.model, names)
+        with receive(update) as named:  # a rejected collective update is still drained (the group stays in step)
+            if problem:
+                raise ValueError(f"{what} does not match the model: {problem} (expected the learner's full "
+                                 f"state dict with HF names); the loaded weights are kept")
+            load_named_tensors(self.model, named, what=what)
         self._version = int(version)
+
+    def join_weight_group(self, info: Any, *, rank: int) -> None:
+        from tepo_ray.weights import group
+
+        group.join(info, rank=rank, device=self.device if self.device.type == "cuda" else None)
 
     @torch.inference_mode()
     def sequence_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:

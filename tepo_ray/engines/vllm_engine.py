@@ -27,19 +27,27 @@ environment variable overrides:
   `dtype="auto"` runs a float32 checkpoint in bfloat16 on CPU (and fp16/bf16 on
   GPU), which puts behaviour log-probs ~1e-2 away from the learner's.
 * `enforce_eager=True` (config default) avoids torch.compile / inductor start-up.
+* Knobs passed through from the `engine` config (`vllm_engine_kwargs`):
+  `tensor_parallel_size` (> 1: `distributed_executor_backend="ray"` on the
+  generator's one-GPU bundles), `max_num_seqs`, `gpu_memory_utilization` (GPU),
+  `enable_prefix_caching`, `enforce_eager`, `attention_backend` (e.g.
+  `FLASHINFER`, which needs the GPU-only `flashinfer` package),
+  `max_num_batched_tokens`.
 * Scripts that create an engine need the `if __name__ == "__main__":` guard.
   Call `shutdown()` (or use the engine as a context manager) before exit: a
   process still holding an `LLM` may abort at interpreter exit; a
   `weakref.finalize` hook does it at exit as a last resort.
 
-Weight sync (DESIGN.md section 5): the learner writes a safetensors file; the
-worker-extension method `tepo_reload_weights_from_path` (named on
-`worker_extension_cls`, so no pickled callable is needed) streams its tensors
-into `Worker.reload_weights(weights_iterator=...)`, vLLM's in-place reload that
+Weight sync (DESIGN.md section 5, `tepo_ray.weights`): each vLLM worker joins
+the learner's weight group (`tepo_join_weight_group`) and, per update, the
+worker-extension method `tepo_receive_weights` (named on `worker_extension_cls`,
+so no pickled callable is needed) receives the broadcast bucket by bucket (or
+reads the `file` transport's safetensors file) and streams the tensors into
+`Worker.reload_weights(weights_iterator=...)`, vLLM's in-place reload that
 re-runs each layer's post-load processing (CPU weights are repacked after
 loading, which is why calling `model.load_weights` directly fails there).
-Tensors are never sent through `collective_rpc` arguments (its serializer
-mangles them). The prefix cache is reset afterwards so no KV computed with old
+Only the `WeightUpdate` dict goes through `collective_rpc`; tensors never do
+(its serializer mangles them). The prefix cache is reset afterwards so no KV computed with old
 weights is reused.
 
 Sampling: one `SamplingParams` per request with `stop_token_ids`, `logprobs=0`
@@ -60,7 +68,7 @@ from typing import Any, Sequence
 
 from tepo_ray.engines.base import Engine, GenerationOutput, GenerationRequest, finish_output, register_engine
 
-__all__ = ["VLLMEngine", "WeightSyncExtension", "VLLM_ENV_DEFAULTS", "vllm_available"]
+__all__ = ["VLLMEngine", "WeightSyncExtension", "VLLM_ENV_DEFAULTS", "vllm_available", "vllm_engine_kwargs"]
 
 VLLM_ENV_DEFAULTS: dict[str, str] = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -80,23 +88,50 @@ def vllm_available() -> tuple[bool, str]:
 
 
 class WeightSyncExtension:
-    """Mixed into vLLM's worker class (`worker_extension_cls`); runs inside the worker."""
+    """Mixed into vLLM's worker class (`worker_extension_cls`); runs inside each worker process.
+
+    With the uniproc executor (TP = 1, `VLLM_ENABLE_V1_MULTIPROCESSING=0`) the
+    worker is the engine's own process; with TP > 1 (Ray executor) each TP
+    worker is its own Ray actor and joins the weight group with its own rank
+    (`rank_offset + worker rank`), receiving full tensors that `reload_weights`
+    slices for its shard.
+    """
+
+    def tepo_join_weight_group(self, info: dict[str, Any], rank_offset: int) -> int:
+        """Join the learner's weight group as rank `rank_offset + self.rank`; returns that rank."""
+        import torch
+
+        from tepo_ray.weights import group
+
+        rank = int(rank_offset) + int(getattr(self, "rank", 0))
+        device = getattr(self, "device", None)
+        group.join(info, rank=rank, device=device if isinstance(device, torch.device) and device.type == "cuda"
+                   else None)
+        return rank
+
+    def tepo_receive_weights(self, update: dict[str, Any], drain_only: bool = False) -> int:
+        """Receive a `WeightUpdate` (collective or file) and reload it in place; returns the tensors read.
+
+        `drain_only`: receive and drop (keeps a collective group in step after a rejected update)."""
+        from tepo_ray.weights import receive
+
+        count = 0
+        with receive(update) as named:
+            if drain_only:
+                return 0
+
+            def counted():
+                nonlocal count
+                for item in named:
+                    count += 1
+                    yield item
+
+            self.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)  # type: ignore[attr-defined]
+        return count
 
     def tepo_reload_weights_from_path(self, path: str) -> int:
         """Reload every tensor of the safetensors file at `path` in place; return how many were read."""
-        from safetensors import safe_open
-
-        count = 0
-
-        def weights():
-            nonlocal count
-            with safe_open(path, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    count += 1
-                    yield name, f.get_tensor(name)
-
-        self.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)  # type: ignore[attr-defined]
-        return count
+        return self.tepo_receive_weights({"kind": "file", "version": 0, "path": path})
 
 
 def _shutdown_llm(llm: Any, set_num_threads: Any, num_threads: int) -> None:
@@ -168,8 +203,8 @@ class VLLMEngine(Engine):
             max_num_seqs=int(engine_cfg.max_num_seqs),
             seed=int(engine_cfg.seed),
             worker_extension_cls=f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__qualname__}",
-            enable_prefix_caching=True,
         )
+        kwargs.update(vllm_engine_kwargs(engine_cfg))
         if on_gpu:
             kwargs["gpu_memory_utilization"] = float(engine_cfg.gpu_memory_utilization)
         else:
@@ -258,23 +293,39 @@ class VLLMEngine(Engine):
         return outputs
 
     # ------------------------------------------------------------------ weights & scoring
-    def update_weights(self, path: str, *, version: int) -> None:
-        path = self._check_weights_path(path)
+    def update_weights(self, source: Any, *, version: int) -> None:
+        update = self._weight_update(source, version=version)
         llm = self.llm
+        problem = ""
         if self._checkpoint_names:
-            # vLLM's reload only warns about tensors it did not get; a partial file would leave a mixed policy
-            got = _safetensors_names(Path(path))
+            # vLLM's reload only warns about tensors it did not get; a partial update would leave a mixed policy
+            got = {p.name for p in update.params} if update.kind == "collective" else _safetensors_names(
+                Path(update.path or ""))
             optional = {"lm_head.weight"} if self._tied else set()
             missing = sorted(self._checkpoint_names - got - optional)
             unexpected = sorted(got - self._checkpoint_names - {"lm_head.weight"})
             if missing or unexpected:
-                raise ValueError(f"weight file {path} does not match the model: missing {missing[:8]}, "
-                                 f"unexpected {unexpected[:8]} (expected the learner's full state dict with HF names)")
-        counts = llm.collective_rpc("tepo_reload_weights_from_path", args=(path,))
+                problem = (f"weight update v{version} ({update.kind}) does not match the model: missing "
+                           f"{missing[:8]}, unexpected {unexpected[:8]} (expected the learner's full state dict "
+                           f"with HF names)")
+        if problem:
+            if update.kind == "collective":  # the sender is broadcasting now: stay in step, then fail
+                llm.collective_rpc("tepo_receive_weights", args=(update.to_dict(), True))
+            raise ValueError(problem)
+        counts = llm.collective_rpc("tepo_receive_weights", args=(update.to_dict(),))
         if not counts or min(counts) == 0:
-            raise ValueError(f"weight file {path} holds no tensors (workers read {counts})")
+            raise ValueError(f"weight update v{version} ({update.kind}) holds no tensors (workers read {counts})")
         llm.reset_prefix_cache()
         self._version = int(version)
+
+    def join_weight_group(self, info: Any, *, rank: int) -> None:
+        from tepo_ray.weights.group import GroupInfo
+
+        self.llm.collective_rpc("tepo_join_weight_group", args=(GroupInfo.from_dict(info).to_dict(), int(rank)))
+
+    @property
+    def weight_ranks(self) -> int:
+        return int(getattr(self.cfg, "tensor_parallel_size", 1) or 1)
 
     def sequence_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         from vllm import SamplingParams
@@ -301,16 +352,32 @@ class VLLMEngine(Engine):
         gc.collect()
 
 
-def _safetensors_names(path: Path) -> set[str]:
-    """Tensor names in a safetensors file, or in every *.safetensors file of a model directory (headers only)."""
-    from safetensors import safe_open
+def vllm_engine_kwargs(engine_cfg: Any) -> dict[str, Any]:
+    """`vllm.LLM` arguments from the `engine` config's vLLM knobs (pure; no vLLM import).
 
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path] if path.is_file() else []
-    names: set[str] = set()
-    for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as h:
-            names.update(h.keys())
-    return names
+    TP > 1 uses vLLM's Ray executor: the generator actor runs in the run's placement
+    group with `placement_group_capture_child_tasks=True` and `VLLM_RAY_BUNDLE_INDICES`
+    naming its one-GPU bundles (`tepo_ray.topology`), so vLLM puts one worker per
+    TP rank on exactly those bundles.
+    """
+    tp = int(getattr(engine_cfg, "tensor_parallel_size", 1) or 1)
+    out: dict[str, Any] = {"enable_prefix_caching": bool(getattr(engine_cfg, "enable_prefix_caching", True)),
+                           "tensor_parallel_size": tp}
+    if tp > 1:
+        out["distributed_executor_backend"] = "ray"
+    backend = getattr(engine_cfg, "attention_backend", None)
+    if backend:
+        out["attention_backend"] = str(backend).upper()
+    batched = getattr(engine_cfg, "max_num_batched_tokens", None)
+    if batched:
+        out["max_num_batched_tokens"] = int(batched)
+    return out
+
+
+def _safetensors_names(path: Path) -> set[str]:
+    from tepo_ray.weights.file import safetensors_names
+
+    return safetensors_names(path)
 
 
 def _checkpoint_dtype(hf_cfg: dict[str, Any]) -> str:

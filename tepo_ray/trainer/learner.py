@@ -180,6 +180,8 @@ class Learner:
         dtype: compute dtype (`model.dtype`). Unsharded, the weights are held in it; sharded,
             they are held in fp32 and FSDP2 computes in `dtype`, reducing gradients in fp32.
         sharded: shard with FSDP2 over the current torch.distributed group (must exist).
+        publish_files: write weight files at all; False when a `tepo_ray.weights` collective
+            transport carries the weights (no file is written, `publish_weights` is a no-op).
     """
 
     def __init__(
@@ -197,6 +199,7 @@ class Learner:
         initial_version: int = 0,
         publish_initial: bool = True,
         sharded: bool = False,
+        publish_files: bool = True,
     ) -> None:
         if keep_weight_versions < 1:
             raise ValueError(f"keep_weight_versions must be >= 1, got {keep_weight_versions}")
@@ -217,13 +220,15 @@ class Learner:
         self.rank = process_group.rank() if self.sharded else 0
         self.world_size = process_group.world_size() if self.sharded else 1
         self.keep_weight_versions = int(keep_weight_versions)
-        self.temperature = float(temperature)
+        self.temperature = float(temperature) if temperature > 0 else 1.0  # greedy sampling: T = 1
+        self.publish_files = bool(publish_files)
         self.mode = _mode_name(algo_cfg.mode)
 
         random.seed(self.seed)
         np.random.seed(self.seed)
         torch.manual_seed(self.seed)
 
+        self.compute_dtype = str(dtype)  # what generators and scorers receive the weights in
         # Sharded: fp32 master weights, FSDP2 casts to `dtype` for compute.
         self.model = load_policy(self.model_path, device=self.device, dtype="float32" if self.sharded else dtype)
         if getattr(trainer_cfg, "gradient_checkpointing", False):
@@ -274,8 +279,11 @@ class Learner:
     def publish_weights(self) -> tuple[str, int]:
         """Write `<run_dir>/weights/v{version}.safetensors` atomically; keep the last `keep_weight_versions`.
 
+        A no-op when a collective transport carries the weights (`publish_files=False`).
         Sharded: collective (every rank gathers the full weights; rank 0 writes).
         """
+        if not self.publish_files:
+            return self.latest_weights()
         if not self.sharded:
             path = publish_weights(
                 self.model, weights_dir=self.weights_dir, version=self.version, keep=self.keep_weight_versions

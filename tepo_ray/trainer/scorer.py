@@ -1,10 +1,14 @@
 """Behaviour-version scoring: exact token entropies, old log-probs and ΔH per tool call.
 
-For every trajectory the scorer runs one teacher-forced forward with the
-weights of the policy version that generated it (`trajectory.behaviour_version`,
-the oldest version of any generated token when a trajectory spans versions;
-that choice is recorded in `meta["entropy_version"]` / `meta["spans_versions"]`)
-and writes, per token t (DESIGN.md section 1):
+Per-turn behaviour policy: a trajectory whose turns were sampled by different
+weight versions (generators load new weights between turns; `Trajectory.versions`
+records the version of every generated token) is scored with, for each token,
+the weights of the version that sampled it: one teacher-forced forward of the
+whole sequence per distinct version, keeping that version's positions. Neither
+the importance ratio nor ΔH ever uses weights that did not sample the token.
+The versions used are recorded in `meta["scored_versions"]` (and
+`meta["spans_versions"]` when more than one). Writes, per token t (DESIGN.md
+section 1):
 
 * `entropies[t] = H_t = -Σ_v π(v|h_t) log π(v|h_t)` over the full vocabulary,
   exact and chunked (`tepo_ray.algo.token_logprobs_and_entropy`);
@@ -20,6 +24,20 @@ after its observation (`segments[call.segment_index + 1]`)::
 
 ΔH_k is undefined (None, I = False) when r_{i,k+1} does not exist or either
 segment is empty.
+
+Sampling distribution: log-probs and entropies use `logits / temperature`
+with the generators' `engine.temperature` (1 when sampling is greedy), so they
+describe the distribution that sampled. `top_p` is *not* applied: the
+nucleus-truncated distribution gives -inf log-probs to every token outside
+the nucleus and its entropy depends on a per-step cut; like verl and OpenRLHF
+we score the temperature-scaled full distribution, which is exact for
+top_p = 1 and a (documented) approximation for top_p < 1.
+
+Weights arrive through `tepo_ray.weights`: `receive_weights(update)` takes a
+`collective` update (held in memory, the last `cache_size` versions) or a
+`file` update (its path registered); the model directory is `initial_version`.
+Received versions are held in host memory (the driver keeps `max_staleness + 2`:
+for a 7B model in bf16 that is ~15 GB of RAM per version).
 """
 
 from __future__ import annotations
@@ -42,6 +60,7 @@ from tepo_ray.trainer.batching import (
     token_logprobs,
 )
 from tepo_ray.trainer.checkpoint import load_policy, load_weights_into, weight_file_path
+from tepo_ray.weights import WeightUpdate, load_named_tensors, receive
 
 __all__ = ["EntropyScorer", "fill_delta_entropy"]
 
@@ -75,9 +94,11 @@ def fill_delta_entropy(traj: Trajectory, *, window: int | None) -> list[float | 
 class EntropyScorer:
     """Scores trajectories with the weights of the version that generated them.
 
-    Weight versions are files `<weights_dir>/v{N}.safetensors` (what the learner
-    publishes) or paths registered with `register_weights` / `load_weights(path,
-    version)`; the last `cache_size` registrations are remembered, and a version
+    Weight versions are received in memory (`receive_weights` with a collective
+    update; the last `cache_size` kept), or files `<weights_dir>/v{N}.safetensors`
+    (what the learner publishes with the `file` transport) or paths registered with
+    `register_weights` / `load_weights(path, version)`; the last `cache_size`
+    registrations are remembered, and a version
     missing from them is looked up as `v{N}.safetensors` in `weights_dir` and next
     to every registered `v{M}.safetensors`, so a restarted scorer needs no state
     beyond its constructor arguments and one path. `initial_version` is the
@@ -108,12 +129,13 @@ class EntropyScorer:
         self.weights_dir = Path(weights_dir) if weights_dir is not None else None
         self.cache_size = cache_size
         self.micro_batch_size = micro_batch_size
-        self.temperature = float(temperature)
+        self.temperature = float(temperature) if temperature > 0 else 1.0  # greedy sampling: score T = 1
         self.model = load_policy(self.model_path, device=self.device, dtype=dtype).eval()
         self.model.requires_grad_(False)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.pad_id = int(getattr(self.model.config, "pad_token_id", None) or 0)
         self._paths: OrderedDict[int, str] = OrderedDict({int(initial_version): self.model_path})
+        self._states: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()  # received in memory
         self.version = int(initial_version)
         self._loaded_path = self.model_path
         self.loads = 0  # weight switches performed (a metric: scoring order minimises them)
@@ -125,7 +147,28 @@ class EntropyScorer:
         return {"version": self.version, "known_versions": self.known_versions()}
 
     def known_versions(self) -> list[int]:
-        return sorted(self._paths)
+        return sorted(set(self._paths) | set(self._states))
+
+    def receive_weights(self, update: WeightUpdate | dict[str, Any]) -> int:
+        """Receive a published version (collective: kept in memory; file: path registered); returns it.
+
+        The model is not switched: scoring activates the version it needs."""
+        update = WeightUpdate.from_dict(update)
+        v = int(update.version)
+        if update.kind == "file":
+            self.register_weights(update.path or "", v)
+            return v
+        with receive(update) as named:
+            # host memory: CPU tensors are views of the received buckets (never rewritten); GPU ones are
+            # copied out, so the last cache_size versions cost host RAM, not accelerator memory
+            state = {name: (t.to("cpu") if t.is_cuda else t) for name, t in named}
+        self._states[v] = state
+        self._states.move_to_end(v)
+        while len(self._states) > self.cache_size:
+            self._states.popitem(last=False)
+        if v == self.version:  # a re-sent version replaces what is loaded
+            self._loaded_path = ""
+        return v
 
     def register_weights(self, path: str | Path, version: int) -> None:
         """Remember where version `version` lives without loading it."""
@@ -167,6 +210,14 @@ class EntropyScorer:
         )
 
     def _activate(self, version: int, *, force: bool = False) -> None:
+        if version in self._states:
+            key = f"<memory v{version}>"
+            if version == self.version and self._loaded_path == key and not force:
+                return
+            load_named_tensors(self.model, iter(self._states[version].items()), what=f"weights v{version}")
+            self.version, self._loaded_path = version, key
+            self.loads += 1
+            return
         path = self._resolve(version)
         if version == self.version and path == self._loaded_path and not force:
             return
@@ -192,39 +243,41 @@ class EntropyScorer:
         trajs = list(trajectories)
         for t in trajs:
             self._check(t)
+        # version -> trajectories with tokens it sampled; every trajectory starts all-zero
         by_version: dict[int, list[int]] = {}
         for i, t in enumerate(trajs):
-            by_version.setdefault(t.behaviour_version, []).append(i)
+            t.entropies = [0.0] * len(t.token_ids)
+            t.behaviour_logprobs = [0.0] * len(t.token_ids)
+            for v in sorted({v for v, m in zip(t.versions, t.loss_mask) if m and v >= 0}):
+                by_version.setdefault(v, []).append(i)
         # The loaded version first, then ascending: one weight switch per distinct version.
         order = sorted(by_version, key=lambda v: (v != self.version, v))
         t0 = time.perf_counter()
         for version in order:
             idxs = by_version[version]
-            if version < 0:  # nothing generated: nothing to score
-                for i in idxs:
-                    trajs[i].entropies = [0.0] * len(trajs[i].token_ids)
-                    trajs[i].behaviour_logprobs = [0.0] * len(trajs[i].token_ids)
-                continue
             self._activate(version)
             # Length-sorted micro-batches waste less compute on padding.
             idxs = sorted(idxs, key=lambda i: len(trajs[i].token_ids))
             for sl in micro_batch_slices(len(idxs), self.micro_batch_size):
                 mb = [trajs[i] for i in idxs[sl]]
-                batch = make_token_batch([t.token_ids for t in mb], [t.loss_mask for t in mb], pad_id=self.pad_id)
+                # train only the positions this version sampled: others stay for their own version
+                masks = [[int(m and v == version) for m, v in zip(t.loss_mask, t.versions)] for t in mb]
+                batch = make_token_batch([t.token_ids for t in mb], masks, pad_id=self.pad_id)
                 lp, ent = token_logprobs(
                     self.model, batch, chunk_size=self.chunk_size, temperature=self.temperature, with_entropy=True
                 )  # [b, T], [b, T]
                 assert ent is not None
                 lp, ent = lp.cpu(), ent.cpu()
-                for row, t in enumerate(mb):
-                    n = len(t.token_ids)
-                    t.behaviour_logprobs = lp[row, :n].tolist()
-                    t.entropies = ent[row, :n].tolist()
+                for row, (t, mask) in enumerate(zip(mb, masks)):
+                    lp_row, ent_row = lp[row, : len(t.token_ids)].tolist(), ent[row, : len(t.token_ids)].tolist()
+                    for pos in (p for p, m in enumerate(mask) if m):
+                        t.behaviour_logprobs[pos] = lp_row[pos]
+                        t.entropies[pos] = ent_row[pos]
         self.last_score_time_s = time.perf_counter() - t0
         self.total_score_time_s += self.last_score_time_s
         for t in trajs:
             gen_versions = sorted({v for v, m in zip(t.versions, t.loss_mask) if m})
-            t.meta["entropy_version"] = t.behaviour_version
+            t.meta["scored_versions"] = gen_versions
             if len(gen_versions) > 1:
                 t.meta["spans_versions"] = gen_versions
             t.meta["segment_entropy"] = fill_delta_entropy(t, window=self.window)

@@ -101,7 +101,7 @@ def test_scorer_actor_matches_plain_scorer_per_version(ray_local, tmp_path: Path
                 assert got.behaviour_logprobs == pytest.approx(exp.behaviour_logprobs, abs=1e-6)
                 assert [c.delta_entropy for c in got.tool_calls] == pytest.approx(
                     [c.delta_entropy for c in exp.tool_calls], abs=1e-6)
-                assert got.meta["entropy_version"] == exp.behaviour_version
+                assert got.meta["scored_versions"] == exp.meta["scored_versions"]
         # v0 and v1 really are different weights, so the per-version choice matters.
         assert as_objects[1].entropies != pytest.approx(
             EntropyScorer(model_path, algo_cfg=cfg).score([_trajectory("b0", seed=2, version=0)])[0].entropies,

@@ -104,8 +104,10 @@ def test_learner_actor_steps_publishes_and_checkpoints(ray_local, tmp_path: Path
 
         ray.get(actor.save_checkpoint.remote({"cursor": 1}))
         batch2 = [t.to_dict() for t in _batch(model_path, 2)]  # the driver sends dicts
-        metrics, path2, version2 = ray.get(actor.train_step_and_publish.remote(batch2))
-        assert version2 == 2 and Path(path2).name == "v2.safetensors" and metrics["learner/version"] == 2.0
+        metrics, update2, version2 = ray.get(actor.train_step_and_publish.remote(batch2))
+        assert update2["kind"] == "file" and update2["version"] == 2
+        assert version2 == 2 and Path(update2["path"]).name == "v2.safetensors" and metrics["learner/version"] == 2.0
+        assert Path(update2["path"]).is_file()
         assert ray.get(actor.state.remote()) == {"step": 2, "version": 2}
     finally:
         ray.kill(actor, no_restart=True)

@@ -53,7 +53,7 @@ def test_delta_entropy_matches_hand_computation(tiny_model: str, window: int | N
         expected = seg_means[k + 1] - seg_means[k]
         assert call.delta_entropy == pytest.approx(expected, abs=1e-5)
         assert call.entropy_decreased == (expected < 0)
-    assert traj.meta["entropy_version"] == 0
+    assert traj.meta["scored_versions"] == [0]
     assert traj.meta["segment_entropy"] == pytest.approx(seg_means, abs=1e-5)
 
 
@@ -65,7 +65,7 @@ def test_trajectory_cut_after_call_has_undefined_delta(tiny_model: str) -> None:
     assert traj.tool_calls[1].entropy_decreased is False
 
 
-def test_scores_each_trajectory_with_its_behaviour_version(tiny_model: str, tmp_path) -> None:
+def test_scores_each_token_with_the_version_that_sampled_it(tiny_model: str, tmp_path) -> None:
     weights = tmp_path / "weights"
     models = {}
     for v in (1, 2):
@@ -84,13 +84,18 @@ def test_scores_each_trajectory_with_its_behaviour_version(tiny_model: str, tmp_
     scorer = EntropyScorer(tiny_model, algo_cfg=AlgoConfig(), weights_dir=weights)
     scorer.score([t2, t1, t12])
     assert scorer.loads == 2  # one switch per distinct version
-    for traj, v in ((t1, 1), (t2, 2), (t12, 1)):
-        ent, lp = _direct(models[v], traj.token_ids)
-        gen = [t for t, m in enumerate(traj.loss_mask) if m]
-        assert [traj.entropies[t] for t in gen] == pytest.approx([ent[t] for t in gen], abs=1e-5)
-        assert [traj.behaviour_logprobs[t] for t in gen] == pytest.approx([lp[t] for t in gen], abs=1e-5)
-        assert traj.meta["entropy_version"] == v
+    for traj in (t1, t2, t12):
+        for v in (1, 2):
+            ent, lp = _direct(models[v], traj.token_ids)
+            gen = [t for t, (m, tv) in enumerate(zip(traj.loss_mask, traj.versions)) if m and tv == v]
+            assert [traj.entropies[t] for t in gen] == pytest.approx([ent[t] for t in gen], abs=1e-5)
+            assert [traj.behaviour_logprobs[t] for t in gen] == pytest.approx([lp[t] for t in gen], abs=1e-5)
+    assert [t1.meta["scored_versions"], t2.meta["scored_versions"], t12.meta["scored_versions"]] == [[1], [2], [1, 2]]
     assert t12.meta["spans_versions"] == [1, 2]
+    # the v2 turn differs from what v1 (the trajectory's oldest version) would have given it
+    lp1 = _direct(models[1], t12.token_ids)[1]
+    late = [t for t, (m, tv) in enumerate(zip(t12.loss_mask, t12.versions)) if m and tv == 2]
+    assert max(abs(t12.behaviour_logprobs[t] - lp1[t]) for t in late) > 1e-3
     # version 0 is the model directory itself
     t0 = make_trajectory(uid="z", version=0, seed=1)
     scorer.score([t0])
