@@ -171,23 +171,27 @@ class LearnerWorker:
         return 0
 
     def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
-        """Teacher-forced log π(s[t] | s[:t]) (temperature 1) of the learner's current weights, per sequence."""
+        """Teacher-forced log π(s[t] | s[:t]) (temperature 1) of the learner's current weights, per sequence.
+
+        Runs through the learner's `PolicyLogprobs` (the FSDP2 root unit when sharded: a collective,
+        every rank calls it with the same sequences)."""
         import torch
 
-        model = self.learner.model
-        was_training = model.training
-        model.eval()
-        dev = next(model.parameters()).device
+        policy = self.learner.policy
+        was_training = policy.training
+        policy.eval()
+        dev = next(self.learner.model.parameters()).device
         try:
             with torch.no_grad():
                 out = []
                 for seq in sequences:
                     ids = torch.tensor([list(seq)], device=dev)  # [1, T]
-                    logits = model(input_ids=ids).logits[0, :-1].float()  # [T-1, V]
-                    out.append(torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1).tolist())
+                    ones = torch.ones_like(ids)  # [1, T]
+                    lp, _ = policy(ids, ones, ones, chunk_size=1024)  # [1, T]: log π(s[t] | s[:t]) at t >= 1
+                    out.append(lp[0, 1:].float().tolist())
                 return out
         finally:
-            model.train(was_training)
+            policy.train(was_training)
 
     def send_weights(self, update: dict[str, Any]) -> dict[str, float]:
         """Send `update` (must be the current version) to every receiver; returns bytes and seconds.

@@ -506,6 +506,7 @@ class Driver:
         wall = time.perf_counter() - t_start
         logger.close()
         summary = {"run_dir": str(self.run_dir), "metrics": str(logger.path), "steps": self.step,
+                   "model_path": str(self.assets.model_path),
                    "wall_s": round(wall, 2), "wandb_dir": str(logger.wandb_dir) if logger.wandb_dir else None}
         try:
             summary["plot"] = str(plot_run({self.run_dir.name: self.run_dir}, self.run_dir / "curves.png"))

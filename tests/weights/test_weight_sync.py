@@ -136,3 +136,62 @@ def test_collective_sync_matches_learner_without_files(engine: str, sync_model: 
     finally:
         for a in actors:
             ray.kill(a)
+
+
+@pytest.mark.timeout(900)
+def test_collective_sync_from_two_fsdp_ranks(sync_model: str, weight_tmp: Path, ray_sync, tmp_path: Path) -> None:
+    """A 2-rank FSDP2 learner group (gloo) publishes through the collective transport: rank 0 sends, rank 1
+    takes part in gathering its shards; the generator then matches the group's forward to 1e-5, no file."""
+    import ray
+
+    from actors.generation import GenerationWorker
+    from actors.learner import LearnerActor
+    from tepo_ray.distributed.learner_group import LearnerGroup
+    from tepo_ray.trainer.scorer import EntropyScorer
+    from tepo_ray.weights import WeightUpdate
+
+    run_dir = tmp_path / "run"
+    roots = (run_dir, weight_tmp, Path("/dev/shm"))
+    before = _weight_files(*roots)
+    algo = AlgoConfig(mode="dense", lr=3e-2)
+    weights_cfg = WeightsConfig(bucket_mb=0.25, timeout_s=120)
+    group = LearnerGroup.create(
+        LearnerActor, bundles=[0, 1], options=lambda _b: {"num_cpus": 0.25},
+        args=(sync_model,), kwargs=dict(algo_cfg=algo, trainer_cfg=TrainerConfig(micro_batch_size=2,
+                                                                                  checkpoint_interval=0),
+                                        run_dir=str(run_dir), weights_cfg=weights_cfg))
+    gen = ray.remote(GenerationWorker).options(num_cpus=0.25, max_concurrency=100).remote(
+        engine_cfg=EngineConfig(name=EngineName.HF, max_context=128, max_num_seqs=8), model_path=sync_model,
+        pools={}, max_observation_chars=100)
+    actors = [*group.actors, gen]
+    try:
+        ray.get([group.ready.remote(), gen.ready.remote()], timeout=300)
+        assert [r["rank"] for r in ray.get([a.ready.remote() for a in group.actors])] == [0, 1]
+        info = ray.get(group.open_weight_group.remote(name="sync-fsdp", world_size=2, backend="gloo",
+                                                      timeout_s=120))
+        ray.get([group.join_weight_group.remote(info), gen.join_weight_group.remote(info, 1)], timeout=120)
+
+        from transformers import AutoConfig
+
+        vocab = int(AutoConfig.from_pretrained(sync_model).vocab_size)
+        batch = EntropyScorer(sync_model, algo_cfg=algo).score(_trajectories(vocab))
+        _, update, version = ray.get(group.train_step_and_publish.remote([t.to_dict() for t in batch]))
+        u = WeightUpdate.from_dict(update)
+        assert u.kind == "collective" and version == 1
+        assert {p.dtype for p in u.params} == {"float32"}
+
+        seqs = [t.token_ids for t in batch[:2]]
+        want = ray.get(group.sequence_logprobs.remote(seqs))
+        stale = ray.get(gen.sequence_logprobs.remote(seqs))
+        assert max(abs(a - b) for w, s in zip(want, stale) for a, b in zip(w, s)) > 1e-3
+        sent, _ = ray.get([group.send_weights.remote(update), gen.set_weights.remote(update, version)],
+                          timeout=120)
+        assert sent["bytes"] == u.nbytes and ray.get(gen.ready.remote())["version"] == 1
+        got = ray.get(gen.sequence_logprobs.remote(seqs))
+        diff = max(abs(a - b) for w, g in zip(want, got) for a, b in zip(w, g))
+        assert diff < 1e-5, f"generator log-probs differ from the 2-rank learner's by {diff}"
+        assert _weight_files(*roots) - before == set(), "a weight file was written during a collective sync"
+        ray.get(gen.shutdown.remote())
+    finally:
+        for a in actors:
+            ray.kill(a)
