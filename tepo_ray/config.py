@@ -115,6 +115,21 @@ class DataConfig:
 
 
 @dataclass
+class PromptConfig:
+    """How prompts are built (tepo_ray.agent.prompts)."""
+
+    # System prompt file (tools + tag protocol) for chat-template prompts; relative paths are looked up in the
+    # current directory, then the project root. null = experiments/prompts/agent_system.txt.
+    system_prompt_path: Optional[str] = None
+    use_chat_template: str = "auto"  # auto (when the tokenizer has one) | true | false (plain "Question: …")
+
+    def __post_init__(self) -> None:
+        self.use_chat_template = str(self.use_chat_template).lower()
+        _check(self.use_chat_template in ("auto", "true", "false"), "prompt.use_chat_template",
+               self.use_chat_template, "auto|true|false")
+
+
+@dataclass
 class EngineConfig:
     """Generation engine and sampling limits (per GenerationActor)."""
 
@@ -332,6 +347,7 @@ class LoggingConfig:
 class TepoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
