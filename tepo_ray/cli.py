@@ -94,8 +94,23 @@ def sft(config: Path = typer.Argument(...), overrides: List[str] = typer.Argumen
     from tepo_ray.data.world import prepare_data
 
     cfg = _load(config, overrides or [])
-    data = prepare_data(cfg, progress=cfg.logging.progress)
+    if cfg.trainer.sft_steps <= 0:
+        err_console.print("[red]config error:[/red] trainer.sft_steps=0: nothing to train (set it > 0)", highlight=False)
+        raise typer.Exit(2)
+    if cfg.model.path and not cfg.data.sft_path:
+        err_console.print(f"[red]config error:[/red] model.path={cfg.model.path} is set but data.sft_path is null; "
+                          f"give the demonstrations as chat-message jsonl: data.sft_path=FILE.jsonl", highlight=False)
+        raise typer.Exit(2)
+    from tepo_ray.trainer.sft import SFTDataError
+
+    try:
+        data = prepare_data(cfg, progress=cfg.logging.progress)
+    except (SFTDataError, FileNotFoundError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
     console.print(f"[bold green]SFT checkpoint:[/bold green] {data.model_path}")
+    console.print("`tepo-ray train` with this config starts from it (cached by config); or set "
+                  f"model.path={data.model_path}", highlight=False, soft_wrap=True)
 
 
 @app.command("eval")
@@ -169,8 +184,8 @@ def _check_fits_cluster(cfg: Any, address: str) -> None:
 # runs in: what the user meant, and where the run's outputs outlive the job. On a cluster these absolute
 # paths must exist on the nodes (a shared filesystem); `--no-resolve-paths` keeps them as written.
 PATH_KEYS = ("model.cache_dir", "logging.run_dir", "trainer.checkpoint_dir", "data.train_path", "data.eval_path",
-             "data.corpus_path", "tools.search.index_dir", "tools.search.embedding_model")
-INPUT_PATH_KEYS = ("model.path", "data.train_path", "data.eval_path", "data.corpus_path",
+             "data.corpus_path", "data.sft_path", "tools.search.index_dir", "tools.search.embedding_model")
+INPUT_PATH_KEYS = ("model.path", "data.train_path", "data.eval_path", "data.corpus_path", "data.sft_path",
                    "tools.search.embedding_model")
 
 

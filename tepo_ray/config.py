@@ -103,6 +103,9 @@ class DataConfig:
     train_path: Optional[str] = None  # jsonl of {"id", "question", "answers", "task_type"} when task=jsonl
     eval_path: Optional[str] = None
     corpus_path: Optional[str] = None  # wiki-18 style jsonl; generated when null
+    # SFT demonstrations as chat-message jsonl ({"messages": [{"role", "content"}, ...]} per line; tool messages
+    # are observations, loss-masked). Needed for SFT when model.path is set; null = built-in tiny-model demos.
+    sft_path: Optional[str] = None
     num_train: int = 512
     num_eval: int = 64
     seed: int = 0
