@@ -130,7 +130,7 @@ def topology(config: Path = typer.Argument(...), overrides: List[str] = typer.Ar
              address: Optional[str] = typer.Option(
                  None, help="also check against this running cluster: its GCS address HEAD:6379 or 'auto' "
                             "(the http:// dashboard address is for `submit`)")) -> None:
-    """Print the placement-group bundles and resource needs without starting anything."""
+    """Print the placement-group bundles, resource needs and memory per device; refuse a plan that cannot fit."""
     from tepo_ray.topology import plan_topology
 
     cfg = _load(config, overrides or [])
@@ -145,6 +145,15 @@ def topology(config: Path = typer.Argument(...), overrides: List[str] = typer.Ar
         console.print(f"tool pool {kind}: workers={t.workers} (min {t.min_workers}, max {t.max_workers}, "
                       f"autoscale={t.autoscale})")
     console.print(f"needs {plan.total_cpus:g} CPUs and {plan.total_gpus:g} GPUs in one placement group")
+    from tepo_ray.topology_memory import plan_memory
+
+    try:
+        memory = plan_memory(cfg)
+        console.print(memory.table())
+        memory.check()
+    except ConfigError as exc:
+        err_console.print(f"[red]config error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
     if address:
         _check_fits_cluster(cfg, address)
 

@@ -74,8 +74,12 @@ class ModelConfig:
     vocab_size: int = 512  # BPE vocabulary trained on the task corpus
     dtype: str = "float32"  # float32 | bfloat16 | float16
     seed: int = 0
+    # Parameter count for `tepo-ray topology`'s memory plan when model.path has no readable config.json (a hub
+    # id not in the local HF cache); then the architecture fields above must be the model's too.
+    num_params: Optional[int] = None
 
     def __post_init__(self) -> None:
+        _check(self.num_params is None or self.num_params > 0, "model.num_params", self.num_params, "null or > 0")
         _check(self.hidden_size > 0, "model.hidden_size", self.hidden_size, "> 0")
         _check(self.num_layers > 0, "model.num_layers", self.num_layers, "> 0")
         _check(self.num_heads > 0, "model.num_heads", self.num_heads, "> 0")
@@ -166,8 +170,11 @@ class RoleResources:
     replicas: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    gpu_memory_gb: Optional[float] = None  # memory of one GPU of this role; null = topology.gpu_memory_gb
 
     def __post_init__(self) -> None:
+        _check(self.gpu_memory_gb is None or self.gpu_memory_gb > 0, "topology.<role>.gpu_memory_gb",
+               self.gpu_memory_gb, "null or > 0")
         _check(self.replicas >= 0, "topology.<role>.replicas", self.replicas, ">= 0")
         _check(self.num_cpus >= 0, "topology.<role>.num_cpus", self.num_cpus, ">= 0")
         _check(self.num_gpus >= 0, "topology.<role>.num_gpus", self.num_gpus, ">= 0")
@@ -184,6 +191,10 @@ class TopologyConfig:
     python_tools: RoleResources = field(default_factory=lambda: RoleResources(replicas=1, num_cpus=0.25))
     search_tools: RoleResources = field(default_factory=lambda: RoleResources(replicas=1, num_cpus=0.25))
     placement_timeout_s: float = 60.0
+    gpu_memory_gb: float = 80.0  # memory of one GPU, for the memory plan of `tepo-ray topology`
+
+    def __post_init__(self) -> None:
+        _check(self.gpu_memory_gb > 0, "topology.gpu_memory_gb", self.gpu_memory_gb, "> 0")
 
 
 @dataclass
