@@ -141,3 +141,22 @@ def test_rollout_ids_and_masks_are_exact_with_multi_token_tags(engine, chat_mode
             (len(p), len(p) + len(t1), 0), (len(p) + len(t1) + len(obs), len(tr.token_ids), None)]
         assert tr.tool_calls[0].argument == "print(412*37)"
     assert calls == ["print(412*37)"] * 2
+
+
+def test_generation_worker_wires_stop_strings_and_chat_prompts(chat_model: ChatModel) -> None:
+    """The actor class (used without Ray here) picks stop strings for this tokenizer and chat-template prompts."""
+    from actors.generation import GenerationWorker
+
+    cfg = EngineConfig(name="hf", max_context=300, max_turn_tokens=40, max_new_tokens=120, temperature=0.0)
+    worker = GenerationWorker(engine_cfg=cfg, model_path=chat_model.model_dir, pools={}, max_observation_chars=400,
+                              prompt_cfg=PromptConfig(system_prompt_path=chat_model.system_prompt_file))
+    try:
+        assert worker.batcher.sampling["stop"] == ["</python>", "</search>", "</answer>"]
+        item = {"id": "q", "question": QUESTION, "answers": ["15244"], "task_type": "math"}
+        (traj,) = asyncio.run(worker.generate_group(item, group_id="g", group_size=1))
+    finally:
+        worker.shutdown()
+    p, t1 = chat_model.prompt_ids, chat_model.turn1_ids
+    assert traj["token_ids"][: len(p) + len(t1)] == p + t1
+    assert traj["loss_mask"][: len(p) + len(t1)] == [0] * len(p) + [1] * len(t1)
+    assert traj["tool_calls"][0]["argument"] == "print(412*37)"  # no python pool: an error observation follows
