@@ -63,29 +63,33 @@ class _LockedEngine:
 
 class GenerationWorker:
     def __init__(self, *, engine_cfg: Any, model_path: str, pools: dict[str, Any], max_observation_chars: int,
-                 name: str = "generator-0"):
+                 name: str = "generator-0", prompt_cfg: Any = None):
+        """`prompt_cfg`: the `prompt` config section (None: defaults — chat template when the tokenizer has one)."""
         from transformers import AutoTokenizer
 
-        from tepo_ray.agent import stop_token_ids
+        from tepo_ray.agent import stop_conditions
+        from tepo_ray.agent.prompts import PromptBuilder
         from tepo_ray.engines import make_engine
 
         self.name = name
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.engine = make_engine(engine_cfg, model_path=model_path)
-        stops = stop_token_ids(self.tokenizer)
+        stops, stop_texts = stop_conditions(self.tokenizer)  # ids when tags are single tokens, else strings
         if self.tokenizer.eos_token_id is not None:
             stops.append(self.tokenizer.eos_token_id)
         self._pending: tuple[Any, int] | None = None
         self._created = time.time()
         self.weight_loads = 0
         self._engine_lock = threading.Lock()  # held from before_batch until the batch's generate returns
-        sampling = dict(temperature=engine_cfg.temperature, top_p=engine_cfg.top_p, stop_token_ids=stops)
+        sampling = dict(temperature=engine_cfg.temperature, top_p=engine_cfg.top_p, stop_token_ids=stops,
+                        stop=stop_texts)
         self.batcher = EngineBatcher(_LockedEngine(self.engine, self._engine_lock), sampling=sampling,
                                      before_batch=self._apply_pending)
         self.loop = AgentLoop(batcher=self.batcher, tokenizer=self.tokenizer,
                               tools=PoolToolRouter(pools, max_observation_chars=max_observation_chars),
                               engine_cfg=engine_cfg, max_observation_chars=max_observation_chars,
-                              eos_token_id=self.tokenizer.eos_token_id)
+                              eos_token_id=self.tokenizer.eos_token_id,
+                              prompts=PromptBuilder.from_config(self.tokenizer, prompt_cfg))
 
     def ready(self) -> dict[str, Any]:
         return {"name": self.name, "version": int(self.engine.version)}

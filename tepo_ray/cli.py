@@ -95,8 +95,23 @@ def sft(config: Path = typer.Argument(...), overrides: List[str] = typer.Argumen
     from tepo_ray.data.world import prepare_data
 
     cfg = _load(config, overrides or [])
-    data = prepare_data(cfg, progress=cfg.logging.progress)
+    if cfg.trainer.sft_steps <= 0:
+        err_console.print("[red]config error:[/red] trainer.sft_steps=0: nothing to train (set it > 0)", highlight=False)
+        raise typer.Exit(2)
+    if cfg.model.path and not cfg.data.sft_path:
+        err_console.print(f"[red]config error:[/red] model.path={cfg.model.path} is set but data.sft_path is null; "
+                          f"give the demonstrations as chat-message jsonl: data.sft_path=FILE.jsonl", highlight=False)
+        raise typer.Exit(2)
+    from tepo_ray.trainer.sft import SFTDataError
+
+    try:
+        data = prepare_data(cfg, progress=cfg.logging.progress)
+    except (SFTDataError, FileNotFoundError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
     console.print(f"[bold green]SFT checkpoint:[/bold green] {data.model_path}")
+    console.print("`tepo-ray train` with this config starts from it (cached by config); or set "
+                  f"model.path={data.model_path}", highlight=False, soft_wrap=True)
 
 
 @app.command("eval")
@@ -154,7 +169,7 @@ def topology(config: Path = typer.Argument(...), overrides: List[str] = typer.Ar
              address: Optional[str] = typer.Option(
                  None, help="also check against this running cluster: its GCS address HEAD:6379 or 'auto' "
                             "(the http:// dashboard address is for `submit`)")) -> None:
-    """Print the placement-group bundles and resource needs without starting anything."""
+    """Print the placement-group bundles, resource needs and memory per device; refuse a plan that cannot fit."""
     from tepo_ray.topology import plan_topology
 
     cfg = _load(config, overrides or [])
@@ -169,6 +184,15 @@ def topology(config: Path = typer.Argument(...), overrides: List[str] = typer.Ar
         console.print(f"tool pool {kind}: workers={t.workers} (min {t.min_workers}, max {t.max_workers}, "
                       f"autoscale={t.autoscale})")
     console.print(f"needs {plan.total_cpus:g} CPUs and {plan.total_gpus:g} GPUs in one placement group")
+    from tepo_ray.topology_memory import plan_memory
+
+    try:
+        memory = plan_memory(cfg)
+        console.print(memory.table())
+        memory.check()
+    except ConfigError as exc:
+        err_console.print(f"[red]config error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
     if address:
         _check_fits_cluster(cfg, address)
 
@@ -208,8 +232,8 @@ def _check_fits_cluster(cfg: Any, address: str) -> None:
 # runs in: what the user meant, and where the run's outputs outlive the job. On a cluster these absolute
 # paths must exist on the nodes (a shared filesystem); `--no-resolve-paths` keeps them as written.
 PATH_KEYS = ("model.cache_dir", "logging.run_dir", "trainer.checkpoint_dir", "data.train_path", "data.eval_path",
-             "data.corpus_path", "tools.search.index_dir", "tools.search.embedding_model")
-INPUT_PATH_KEYS = ("model.path", "data.train_path", "data.eval_path", "data.corpus_path",
+             "data.corpus_path", "data.sft_path", "tools.search.index_dir", "tools.search.embedding_model")
+INPUT_PATH_KEYS = ("model.path", "data.train_path", "data.eval_path", "data.corpus_path", "data.sft_path",
                    "tools.search.embedding_model")
 
 

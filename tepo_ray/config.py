@@ -80,8 +80,12 @@ class ModelConfig:
     vocab_size: int = 512  # BPE vocabulary trained on the task corpus
     dtype: str = "float32"  # float32 | bfloat16 | float16
     seed: int = 0
+    # Parameter count for `tepo-ray topology`'s memory plan when model.path has no readable config.json (a hub
+    # id not in the local HF cache); then the architecture fields above must be the model's too.
+    num_params: Optional[int] = None
 
     def __post_init__(self) -> None:
+        _check(self.num_params is None or self.num_params > 0, "model.num_params", self.num_params, "null or > 0")
         _check(self.hidden_size > 0, "model.hidden_size", self.hidden_size, "> 0")
         _check(self.num_layers > 0, "model.num_layers", self.num_layers, "> 0")
         _check(self.num_heads > 0, "model.num_heads", self.num_heads, "> 0")
@@ -109,6 +113,9 @@ class DataConfig:
     train_path: Optional[str] = None  # jsonl of {"id", "question", "answers", "task_type"} when task=jsonl
     eval_path: Optional[str] = None
     corpus_path: Optional[str] = None  # wiki-18 style jsonl; generated when null
+    # SFT demonstrations as chat-message jsonl ({"messages": [{"role", "content"}, ...]} per line; tool messages
+    # are observations, loss-masked). Needed for SFT when model.path is set; null = built-in tiny-model demos.
+    sft_path: Optional[str] = None
     num_train: int = 512
     num_eval: int = 64
     seed: int = 0
@@ -118,6 +125,21 @@ class DataConfig:
                "arithmetic|multihop|mixed|jsonl")
         _check(self.num_train > 0, "data.num_train", self.num_train, "> 0")
         _check(self.num_eval >= 0, "data.num_eval", self.num_eval, ">= 0")
+
+
+@dataclass
+class PromptConfig:
+    """How prompts are built (tepo_ray.agent.prompts)."""
+
+    # System prompt file (tools + tag protocol) for chat-template prompts; relative paths are looked up in the
+    # current directory, then the project root. null = experiments/prompts/agent_system.txt.
+    system_prompt_path: Optional[str] = None
+    use_chat_template: str = "auto"  # auto (when the tokenizer has one) | true | false (plain "Question: …")
+
+    def __post_init__(self) -> None:
+        self.use_chat_template = str(self.use_chat_template).lower()
+        _check(self.use_chat_template in ("auto", "true", "false"), "prompt.use_chat_template",
+               self.use_chat_template, "auto|true|false")
 
 
 @dataclass
@@ -162,8 +184,11 @@ class RoleResources:
     replicas: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    gpu_memory_gb: Optional[float] = None  # memory of one GPU of this role; null = topology.gpu_memory_gb
 
     def __post_init__(self) -> None:
+        _check(self.gpu_memory_gb is None or self.gpu_memory_gb > 0, "topology.<role>.gpu_memory_gb",
+               self.gpu_memory_gb, "null or > 0")
         _check(self.replicas >= 0, "topology.<role>.replicas", self.replicas, ">= 0")
         _check(self.num_cpus >= 0, "topology.<role>.num_cpus", self.num_cpus, ">= 0")
         _check(self.num_gpus >= 0, "topology.<role>.num_gpus", self.num_gpus, ">= 0")
@@ -180,6 +205,10 @@ class TopologyConfig:
     python_tools: RoleResources = field(default_factory=lambda: RoleResources(replicas=1, num_cpus=0.25))
     search_tools: RoleResources = field(default_factory=lambda: RoleResources(replicas=1, num_cpus=0.25))
     placement_timeout_s: float = 60.0
+    gpu_memory_gb: float = 80.0  # memory of one GPU, for the memory plan of `tepo-ray topology`
+
+    def __post_init__(self) -> None:
+        _check(self.gpu_memory_gb > 0, "topology.gpu_memory_gb", self.gpu_memory_gb, "> 0")
 
 
 @dataclass
@@ -373,6 +402,7 @@ class WeightsConfig:
 class TepoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)

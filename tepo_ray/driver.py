@@ -247,7 +247,7 @@ class Driver:
             gen_cls.options(**gen_opts(b)).remote(
                 engine_cfg=cfg.engine, model_path=self.assets.model_path, pools=self.pools,
                 max_observation_chars=cfg.tools.max_observation_chars, name=f"generator-{b.replica}",
-                **self.generator_kwargs)
+                prompt_cfg=cfg.prompt, **self.generator_kwargs)
             for b in self.plan.for_role("generators")
         ]
         ray.get([a.ready.remote() for a in [self.learner, *self.scorers, *self.pools.values(), *self.generators]])

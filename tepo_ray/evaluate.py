@@ -58,7 +58,7 @@ def evaluate(cfg: DictConfig, *, model_path: str | None = None, address: str | N
     engine_cfg = OmegaConf.merge(cfg.engine, {"temperature": 0.0})
     gen = ray.remote(GenerationWorker).options(num_cpus=0.5, max_concurrency=10_000).remote(
         engine_cfg=engine_cfg, model_path=model_path, pools=pools,
-        max_observation_chars=cfg.tools.max_observation_chars, name="eval")
+        max_observation_chars=cfg.tools.max_observation_chars, name="eval", prompt_cfg=cfg.prompt)
     try:
         groups = ray.get(gen.generate_groups.remote(items, group_ids=[f"eval-{it['id']}" for it in items],
                                                     group_size=1))

@@ -10,8 +10,14 @@ ends the trajectory cleanly with a recorded `finish_reason`:
                            `engine.max_turn_tokens` with no action ("max_new_tokens")
 * `engine.max_context`   — prompt + generated + observation tokens ("max_context")
 
-Sampled token ids are appended as they are: the trained sequence is exactly the
-sampled one (no decode -> re-encode drift). Each token records the policy
+Prompts come from a `PromptBuilder` (the tokenizer's chat template with the
+system prompt, or the tiny model's plain format). Sampled token ids are appended
+as they are: the trained sequence is exactly the sampled one (no decode ->
+re-encode drift). Tags may be several tokens: a turn stopped by a stop string
+keeps the whole token that completed the close tag, even when that token
+carries more characters (`>\n`); those stay in the sequence with loss mask 1,
+and the observation ids (tokenised once, on their own) follow them. The turn's
+text is only decoded to parse the action. Each token records the policy
 version that generated it; weights may change between turns (`before_turn`).
 
 Requests from every trajectory in flight (across groups) are batched into one
@@ -127,7 +133,9 @@ class AgentLoop:
     """Runs groups of trajectories through the multi-turn loop (plain class; no Ray)."""
 
     def __init__(self, *, batcher: EngineBatcher, tokenizer: Any, tools: ToolRouter, engine_cfg: Any,
-                 max_observation_chars: int, eos_token_id: int | None):
+                 max_observation_chars: int, eos_token_id: int | None, prompts: Any = None):
+        """`prompts`: a `tepo_ray.agent.prompts.PromptBuilder`; None = the plain `Question: …` format."""
+        self.prompts = prompts
         self.batcher = batcher
         self.tok = tokenizer
         self.tools = tools
@@ -140,7 +148,10 @@ class AgentLoop:
 
     async def rollout_group(self, item: dict[str, Any], *, group_id: str, group_size: int) -> list[Trajectory]:
         """Samples `group_size` trajectories for one prompt, kept together as a group."""
-        prompt_ids = self._encode(render_prompt(item["question"]))
+        if self.prompts is not None:
+            prompt_ids = self.prompts.prompt_ids(item["question"])
+        else:
+            prompt_ids = self._encode(render_prompt(item["question"]))
         trajs = await asyncio.gather(*[self._rollout_one(item, prompt_ids, group_id, i) for i in range(group_size)])
         return list(trajs)
 

@@ -100,6 +100,12 @@ def plan_topology(cfg: Any) -> TopologyPlan:
                     bundles.append(Bundle(TP_ROLE, i, len(bundles), 0.0, float(r.num_gpus) / tp))
                 continue
             bundles.append(Bundle(role, i, len(bundles), float(r.num_cpus), float(r.num_gpus)))
+    if float(topo.learner.num_gpus) > 1:
+        from tepo_ray.config import ConfigError
+
+        raise ConfigError(f"topology.learner.num_gpus={topo.learner.num_gpus:g}: each learner rank (FSDP2) uses one "
+                          f"GPU; set topology.learner.num_gpus=1 and topology.learner.replicas to the number of GPUs "
+                          f"to shard over")
     for role in ("generators", "learner"):
         if not any(b.role == role for b in bundles):
             from tepo_ray.config import ConfigError

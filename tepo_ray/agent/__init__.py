@@ -10,12 +10,15 @@ from tepo_ray.agent.protocol import (
     Malformed,
     NoAction,
     ParsedResponse,
+    TokenText,
     ToolAction,
     format_observation,
     parse_response,
     parse_turn,
+    stop_conditions,
     stop_strings,
     stop_token_ids,
+    tag_token_spans,
 )
 
 __all__ = [
@@ -28,10 +31,13 @@ __all__ = [
     "Malformed",
     "NoAction",
     "ParsedResponse",
+    "TokenText",
     "ToolAction",
     "format_observation",
     "parse_response",
     "parse_turn",
+    "stop_conditions",
     "stop_strings",
     "stop_token_ids",
+    "tag_token_spans",
 ]

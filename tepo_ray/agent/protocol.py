@@ -20,6 +20,17 @@ Every input string, however malformed, yields a defined outcome:
 
 Several `<answer>` blocks in one response count as malformed (no answer): this
 closes a reward hack where the policy lists many guesses to raise token F1.
+
+Tags need not be single tokens. With a stock tokenizer `</python>` is several
+tokens (`</` `python` `>`), and the token that completes a close tag may carry
+more text (`>\n`, `><`). `stop_conditions(tokenizer)` says how the engines stop:
+on token ids when every close tag is one token, else on stop strings. A turn
+that stops on a string keeps the whole token that completed it (nothing is
+truncated or re-tokenised; the characters after the tag stay in the sequence
+and are trained like any generated token). The parser works on the decoded
+text; `TokenText` maps every character back to the token that produced it, so
+a span of text (a `<think>` block, a tool call) has exact token positions
+(`tag_token_spans`).
 """
 
 from __future__ import annotations
@@ -42,7 +53,11 @@ __all__ = [
     "parse_turn",
     "parse_response",
     "stop_strings",
+    "stop_token_ids",
+    "stop_conditions",
     "format_observation",
+    "TokenText",
+    "tag_token_spans",
 ]
 
 TOOL_TAGS: tuple[str, ...] = ("python", "search")
@@ -189,3 +204,106 @@ def stop_token_ids(tokenizer: object, strings: Sequence[str] | None = None) -> l
             )
         ids.append(enc[0])
     return ids
+
+
+def stop_conditions(tokenizer: object, strings: Sequence[str] | None = None) -> tuple[list[int], list[str]]:
+    """(stop token ids, stop strings) for the engines.
+
+    When every close tag is a single token of `tokenizer`, stop on those ids (exact
+    and cheapest); otherwise stop on the tag strings, which both engines support
+    (the token completing the string is kept whole).
+    """
+    tags = list(strings or stop_strings())
+    encoded = [tokenizer.encode(s, add_special_tokens=False) for s in tags]  # type: ignore[attr-defined]
+    if all(len(e) == 1 for e in encoded):
+        return [e[0] for e in encoded], []
+    return [], tags
+
+
+class TokenText:
+    """Decoded text of a token-id sequence with an exact map from characters to tokens.
+
+    `offsets[j] = (start, end)`: the characters of `text` that token j produced
+    (`text[start:end]`); offsets are contiguous and cover `text`. A token that
+    ends inside a multi-byte character gets an empty span and the character is
+    credited to the token that completes it. Built from incremental decodes of
+    short windows (what vLLM's detokeniser does) and checked against one full
+    decode; if the two disagree (a tokenizer whose decode is not prefix-stable),
+    it falls back to decoding every prefix.
+    """
+
+    _WINDOW = 6
+
+    def __init__(self, tokenizer: object, token_ids: Sequence[int]):
+        self.token_ids = [int(t) for t in token_ids]
+        dec = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # type: ignore[attr-defined]  # noqa: E731
+        self.text: str = dec(self.token_ids)
+        ends = self._incremental_ends(dec)
+        if ends is None or (ends and ends[-1] != len(self.text)):
+            ends = self._prefix_ends(dec)
+        starts = [0, *ends[:-1]]
+        self.offsets: list[tuple[int, int]] = list(zip(starts, ends))
+
+    def _incremental_ends(self, dec) -> list[int] | None:
+        ends: list[int] = []
+        built = ""
+        pending_from = 0  # first token whose bytes are not yet a complete character
+        for j in range(len(self.token_ids)):
+            lo = max(0, pending_from - self._WINDOW)
+            before = dec(self.token_ids[lo:pending_from])
+            after = dec(self.token_ids[lo : j + 1])
+            if after.endswith("\ufffd") and not self.text[len(built) :].startswith("\ufffd"):
+                ends.append(len(built))  # incomplete character: wait for the token that completes it
+                continue
+            if not after.startswith(before):
+                return None
+            built += after[len(before) :]
+            ends.append(len(built))
+            pending_from = j + 1
+        if built != self.text:
+            return None
+        return ends
+
+    def _prefix_ends(self, dec) -> list[int]:
+        ends, prev = [], 0
+        for j in range(len(self.token_ids)):
+            prefix = dec(self.token_ids[: j + 1])
+            if self.text.startswith(prefix):  # else an incomplete character: credit it to a later token
+                prev = max(prev, len(prefix))
+            ends.append(prev)
+        if ends:
+            ends[-1] = len(self.text)
+        return ends
+
+    def token_at(self, char: int) -> int:
+        """Index of the token that produced character `char` of `text`."""
+        if not 0 <= char < len(self.text):
+            raise IndexError(f"char {char} outside text of length {len(self.text)}")
+        for j, (a, b) in enumerate(self.offsets):
+            if a <= char < b:
+                return j
+        raise AssertionError("offsets do not cover the text")  # pragma: no cover - construction invariant
+
+    def token_span(self, start: int, end: int) -> tuple[int, int]:
+        """Token range [j0, j1) of every token overlapping characters [start, end) (end > start).
+
+        A token straddling a boundary (`>print` holds the end of `<python>` and the
+        start of the code) belongs to both sides' spans.
+        """
+        if not 0 <= start < end <= len(self.text):
+            raise IndexError(f"char span [{start}, {end}) outside text of length {len(self.text)}")
+        return self.token_at(start), self.token_at(end - 1) + 1
+
+
+def tag_token_spans(token_text: TokenText, tag: str, *, inner: bool = True) -> list[tuple[int, int]]:
+    """Token ranges of every closed `<tag>…</tag>` block in `token_text` (inner text only when `inner`).
+
+    Blocks with empty inner text are skipped when `inner`. Positions index
+    `token_text.token_ids`; add the turn's start offset for trajectory positions.
+    """
+    spans = []
+    for m in re.finditer(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", token_text.text, flags=re.S):
+        a, b = (m.start(1), m.end(1)) if inner else (m.start(), m.end())
+        if b > a:
+            spans.append(token_text.token_span(a, b))
+    return spans

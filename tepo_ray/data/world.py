@@ -158,7 +158,9 @@ def prepare_data(cfg: Any, *, progress: bool = True) -> PreparedData:
         texts += [d["contents"] for _, d in zip(range(3000), iter_corpus(corpus_path, strict=False))]
     model_path = ensure_model(cfg.model, corpus_texts=texts)
 
-    if cfg.model.path is None and cfg.trainer.sft_steps > 0:
+    if cfg.data.sft_path and cfg.trainer.sft_steps > 0:
+        model_path = _chat_sft_warm_start(cfg, model_path=model_path, cache=cache, progress=progress)
+    elif cfg.model.path is None and cfg.trainer.sft_steps > 0:
         model_path = _sft_warm_start(cfg, model_path=model_path, train=train, index_dir=index_dir, titles=titles,
                                      cache=cache, progress=progress)
     return PreparedData(model_path=str(model_path), train_items=train, eval_items=eval_,
@@ -181,6 +183,28 @@ def _sft_warm_start(cfg: Any, *, model_path: str, train: list[dict[str, Any]], i
     demos = build_demonstrations(items, cfg=cfg, index_dir=index_dir, titles=titles)
     tok = AutoTokenizer.from_pretrained(model_path)
     examples = [tokenize_pieces(tok, d) for d in demos]
+    sft_train(model_path, examples=examples, steps=t.sft_steps, lr=t.sft_lr, batch_size=t.sft_batch_size,
+              out_dir=str(out), seed=t.seed, progress=progress)
+    return str(out)
+
+
+def _chat_sft_warm_start(cfg: Any, *, model_path: str, cache: Path, progress: bool) -> str:
+    """SFT of any model on the chat-message demonstrations at `data.sft_path` (cached by content and config)."""
+    from transformers import AutoTokenizer
+
+    from tepo_ray.agent.prompts import PromptBuilder
+    from tepo_ray.trainer.sft import load_chat_demonstrations, sft_train
+
+    t = cfg.trainer
+    tok = AutoTokenizer.from_pretrained(str(model_path))
+    builder = PromptBuilder.from_config(tok, cfg.prompt)
+    sft_sha = hashlib.sha256(Path(cfg.data.sft_path).read_bytes()).hexdigest()[:16]
+    key = _key(str(model_path), sft_sha, t.sft_steps, t.sft_lr, t.sft_batch_size, t.seed, builder.mode,
+               builder.system_prompt)
+    out = cache / f"sft-chat-{key}"
+    if (out / "config.json").exists():
+        return str(out)
+    examples = load_chat_demonstrations(cfg.data.sft_path, builder=builder)
     sft_train(model_path, examples=examples, steps=t.sft_steps, lr=t.sft_lr, batch_size=t.sft_batch_size,
               out_dir=str(out), seed=t.seed, progress=progress)
     return str(out)

@@ -7,8 +7,13 @@ Every engine (DESIGN.md section 2, "Engines") implements `Engine`:
   engine never decodes and re-encodes text, so what the learner trains on is
   exactly what was sampled.
 * A request stops at the first sampled token in `stop_token_ids` (the agent's
-  closing tags are single tokens: `</python>`, `</search>`, `</answer>`) or at
-  the model's EOS; that token is the last element of `token_ids`. Otherwise it
+  closing tags when they are single tokens: `</python>`, `</search>`,
+  `</answer>`), at the first token whose decoded text completes one of the
+  `stop` strings (the tags of a stock tokenizer, several tokens each), or at
+  the model's EOS; that token is the last element of `token_ids`, kept whole
+  even when the stop string ends inside it (its remaining characters stay in
+  the output; nothing is truncated or re-tokenised). Only generated text is
+  searched for stop strings, never the prompt. Otherwise it
   stops after `max_tokens` tokens, or when prompt + generated reaches
   `engine.max_context` (finish reason `"length"` in both cases).
 * `logprobs[t]` is `log π(token_t | h_t)` of the *unmodified* policy (temperature
@@ -64,9 +69,10 @@ class GenerationRequest:
 class GenerationOutput:
     """Newly generated tokens of one request (prompt excluded, padding stripped).
 
-    `finish_reason`: "stop" (a caller stop token), "eos" (the model's EOS) or
-    "length" (`max_tokens` or the context limit). For "stop" and "eos",
-    `stop_token == token_ids[-1]`; for "length" it is None.
+    `finish_reason`: "stop" (a caller stop token or stop string), "eos" (the model's
+    EOS) or "length" (`max_tokens` or the context limit). For "stop" and "eos",
+    `stop_token == token_ids[-1]`; for "length" it is None. `stop_str` names the
+    stop string that ended the request (None when a token id or EOS did).
     `logprobs[t]` (when available): behaviour log-prob of `token_ids[t]`, len == len(token_ids).
     """
 
@@ -75,6 +81,7 @@ class GenerationOutput:
     stop_token: int | None = None
     logprobs: list[float] | None = None
     request_id: str = ""
+    stop_str: str | None = None
 
 
 class Engine(abc.ABC):
@@ -97,6 +104,7 @@ class Engine(abc.ABC):
         top_p: float,
         stop_token_ids: Sequence[int],
         seed: int | None = None,
+        stop: Sequence[str] = (),
     ) -> list[GenerationOutput]:
         """Sample one continuation per request, outputs in request order.
 
@@ -152,7 +160,10 @@ class Engine(abc.ABC):
         self.shutdown()
 
     # ------------------------------------------------------------------ shared checks
-    def _check_sampling(self, *, temperature: float, top_p: float, stop_token_ids: Sequence[int]) -> None:
+    def _check_sampling(self, *, temperature: float, top_p: float, stop_token_ids: Sequence[int],
+                        stop: Sequence[str] = ()) -> None:
+        if isinstance(stop, str) or not all(isinstance(x, str) and x for x in stop):
+            raise ValueError(f"stop={stop!r} is invalid; expected a list of non-empty strings")
         if not temperature >= 0:
             raise ValueError(f"temperature={temperature!r} is invalid; expected >= 0 (0 = greedy)")
         if not 0 < top_p <= 1:
@@ -216,11 +227,14 @@ def finish_output(
     eos_ids: set[int],
     logprobs: Sequence[float] | None,
     request_id: str = "",
+    text_stop: str | None = None,
 ) -> GenerationOutput:
     """Cut `token_ids` after the first stop/EOS token and name why generation ended.
 
     EOS wins the name "eos" even when it is also a caller stop token; any
-    other stop token is "stop"; no stop token means the budget ran out ("length").
+    other stop token is "stop"; no stop token means the budget ran out ("length"),
+    unless `text_stop` says the engine already cut `token_ids` at the token that
+    completed that stop string ("stop", `stop_str=text_stop`).
     """
     ids = [int(t) for t in token_ids]
     lps = None if logprobs is None else [float(x) for x in logprobs]
@@ -229,6 +243,8 @@ def finish_output(
             ids = ids[: j + 1]
             lps = None if lps is None else lps[: j + 1]
             return GenerationOutput(ids, "eos" if t in eos_ids else "stop", t, lps, request_id)
+    if text_stop is not None and ids:
+        return GenerationOutput(ids, "stop", ids[-1], lps, request_id, stop_str=text_stop)
     return GenerationOutput(ids, "length", None, lps, request_id)
 
 

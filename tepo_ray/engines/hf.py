@@ -10,6 +10,12 @@ broadcast bucket by bucket, or a file);
 `logprobs` are `log_softmax` of the raw logits (the unmodified policy).
 Finished rows keep decoding padding until the whole batch is done; their extra
 tokens are dropped.
+
+Stop strings (tags that are several tokens): after each step, every running
+row decodes the tail of its generated tokens (enough tokens to hold the longest
+stop string) with the model's tokenizer; the first step whose tail contains a
+stop string ends the row, keeping that whole token, as vLLM does with
+`include_stop_str_in_output=True`.
 """
 
 from __future__ import annotations
@@ -71,8 +77,18 @@ class HFEngine(Engine):
         self._pad = int(pad if pad is not None else (self._eos[0] if self._eos else 0))
         self._vocab = int(self.model.get_output_embeddings().weight.shape[0])
         self._calls = 0
+        self._tokenizer: Any = None
 
     # ------------------------------------------------------------------ properties
+    @property
+    def tokenizer(self) -> Any:
+        """The model directory's tokenizer (loaded on first use: only stop strings need it)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        return self._tokenizer
+
     @property
     def eos_token_ids(self) -> list[int]:
         return list(self._eos)
@@ -91,8 +107,10 @@ class HFEngine(Engine):
         top_p: float,
         stop_token_ids: Sequence[int],
         seed: int | None = None,
+        stop: Sequence[str] = (),
     ) -> list[GenerationOutput]:
-        self._check_sampling(temperature=temperature, top_p=top_p, stop_token_ids=stop_token_ids)
+        self._check_sampling(temperature=temperature, top_p=top_p, stop_token_ids=stop_token_ids, stop=stop)
+        stop = list(stop)
         budgets = self._budgets(requests)
         if seed is None:  # reproducible run to run, different call to call
             seed = int(self.cfg.seed) * 1_000_003 + self._calls
@@ -104,12 +122,12 @@ class HFEngine(Engine):
         step = max(1, int(self.cfg.max_num_seqs))
         for lo in range(0, len(requests), step):
             chunk = requests[lo : lo + step]
-            ids, lps = self._generate_batch(
+            ids, lps, hits = self._generate_batch(
                 [r.prompt_ids for r in chunk], budgets=budgets[lo : lo + step], temperature=temperature,
-                top_p=top_p, stop_ids=stop_ids | eos_ids, generator=gen)
-            for r, t, lp in zip(chunk, ids, lps):
+                top_p=top_p, stop_ids=stop_ids | eos_ids, generator=gen, stop=stop)
+            for r, t, lp, hit in zip(chunk, ids, lps, hits):
                 outputs.append(finish_output(t, stop_ids=stop_ids, eos_ids=eos_ids, logprobs=lp,
-                                             request_id=r.request_id))
+                                             request_id=r.request_id, text_stop=hit))
         return outputs
 
     def _generate_batch(
@@ -121,7 +139,9 @@ class HFEngine(Engine):
         top_p: float,
         stop_ids: set[int],
         generator: torch.Generator,
-    ) -> tuple[list[list[int]], list[list[float]]]:
+        stop: list[str],
+    ) -> tuple[list[list[int]], list[list[float]], list[str | None]]:
+        """Sampled ids and log-probs per row (cut at the stop string's token) and the stop string hit, if any."""
         from transformers import DynamicCache
 
         B, L = len(prompts), max(len(p) for p in prompts)
@@ -133,10 +153,15 @@ class HFEngine(Engine):
             mask[i, L - len(p):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
         budget = torch.tensor(budgets, device=dev)  # [B]
-        stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=dev)  # [S]
+        stop_t = torch.tensor(sorted(stop_ids), dtype=torch.long, device=dev)  # [S]
         done = torch.zeros(B, dtype=torch.bool, device=dev)  # [B]
         toks: list[torch.Tensor] = []
         lps: list[torch.Tensor] = []
+        rows: list[list[int]] = [[] for _ in range(B)]  # generated ids per row, for stop strings
+        hits: list[str | None] = [None] * B
+        budgets = list(budgets)
+        # every character of a stop string comes from at least one token, +2 for partial characters
+        window = max((len(x) for x in stop), default=0) + 2
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
@@ -147,7 +172,17 @@ class HFEngine(Engine):
             lp = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None]).squeeze(-1)  # [B]
             toks.append(nxt)
             lps.append(lp)
-            done = done | torch.isin(nxt, stop) | (budget <= t + 1)
+            if stop:
+                for i, tok in enumerate(nxt.tolist()):
+                    if bool(done[i]):
+                        continue
+                    rows[i].append(tok)
+                    tail = self.tokenizer.decode(rows[i][-window:], skip_special_tokens=False)
+                    hit = next((x for x in stop if x in tail), None)
+                    if hit is not None:
+                        hits[i], budgets[i] = hit, t + 1
+                        budget[i] = t + 1
+            done = done | torch.isin(nxt, stop_t) | (budget <= t + 1)
             if bool(done.all()):
                 break
             feed = torch.where(done, torch.full_like(nxt, self._pad), nxt)[:, None]  # [B, 1]
@@ -157,7 +192,7 @@ class HFEngine(Engine):
                              past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
         tok_m = torch.stack(toks, dim=1).tolist()  # [B, T]
         lp_m = torch.stack(lps, dim=1).tolist()  # [B, T]
-        return ([row[:n] for row, n in zip(tok_m, budgets)], [row[:n] for row, n in zip(lp_m, budgets)])
+        return ([row[:n] for row, n in zip(tok_m, budgets)], [row[:n] for row, n in zip(lp_m, budgets)], hits)
 
     # ------------------------------------------------------------------ weights & scoring
     def update_weights(self, source: Any, *, version: int) -> None:

@@ -54,7 +54,11 @@ Sampling: one `SamplingParams` per request with `stop_token_ids`, `logprobs=0`
 (the sampled token's log-prob under the raw logits, vLLM's default
 `logprobs_mode="raw_logprobs"`), `detokenize=False` (token ids only; stop tokens
 are always kept in `token_ids`) and `seed = seed + i` for request i when a seed
-is given.
+is given. Stop strings (tags of a stock tokenizer, several tokens each) go to
+`SamplingParams.stop` with `include_stop_str_in_output=True`, which needs
+`detokenize=True`; vLLM then keeps every token up to and including the one that
+completed the string (its text is cut, its token ids are not), and
+`stop_reason` names the string.
 """
 
 from __future__ import annotations
@@ -254,12 +258,14 @@ class VLLMEngine(Engine):
         top_p: float,
         stop_token_ids: Sequence[int],
         seed: int | None = None,
+        stop: Sequence[str] = (),
     ) -> list[GenerationOutput]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         llm = self.llm
-        self._check_sampling(temperature=temperature, top_p=top_p, stop_token_ids=stop_token_ids)
+        self._check_sampling(temperature=temperature, top_p=top_p, stop_token_ids=stop_token_ids, stop=stop)
+        stop = list(stop)
         budgets = self._budgets(requests)
         if not requests:
             return []
@@ -273,7 +279,9 @@ class VLLMEngine(Engine):
                 max_tokens=budget,
                 stop_token_ids=stops,
                 logprobs=0,
-                detokenize=False,
+                stop=stop or None,
+                include_stop_str_in_output=bool(stop),
+                detokenize=bool(stop),
                 skip_special_tokens=False,
                 seed=None if seed is None else int(seed) + i,
             )
@@ -288,8 +296,9 @@ class VLLMEngine(Engine):
             lps = None
             if c.logprobs is not None:
                 lps = [float(d[t].logprob) for d, t in zip(c.logprobs, ids)]
+            hit = c.stop_reason if c.finish_reason == "stop" and isinstance(c.stop_reason, str) else None
             outputs.append(finish_output(ids, stop_ids=stop_ids, eos_ids=eos_ids, logprobs=lps,
-                                         request_id=r.request_id))
+                                         request_id=r.request_id, text_stop=hit))
         return outputs
 
     # ------------------------------------------------------------------ weights & scoring

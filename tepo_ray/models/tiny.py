@@ -91,6 +91,8 @@ _TAG_RE = re.compile("|".join(re.escape(t) for t in sorted(AGENT_TAGS + (EOS_TOK
 _QWEN2_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
+# Public name for other builders that need the same pre-tokeniser (tepo_ray.models.chat_testing).
+QWEN2_PRETOKENIZE_REGEX = _QWEN2_PRETOKENIZE_REGEX
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "LoadedCheckpoint",
     "TOKENIZER_FILES",
     "load_policy",
+    "is_hub_id",
     "load_weights_into",
     "copy_tokenizer_files",
     "weight_file_path",
@@ -92,16 +93,33 @@ TOKENIZER_FILES = (
 
 # --------------------------------------------------------------------------- model I/O
 def load_policy(model_path: str | os.PathLike, *, device: str = "cpu", dtype: str = "float32") -> torch.nn.Module:
-    """Load a Hugging Face causal LM directory onto `device` in `dtype`."""
+    """Load a Hugging Face causal LM onto `device` in `dtype`: a local model directory, or a hub id
+    (`Qwen/Qwen2.5-7B-Instruct`) on machines that can reach a hub (or have it in the HF cache)."""
     from transformers import AutoModelForCausalLM
 
-    path = Path(model_path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model directory {path} has no config.json; expected a Hugging Face model dir")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} is invalid; expected one of {sorted(_DTYPES)}")
+    path = Path(model_path)
+    if not (path / "config.json").is_file():
+        if not is_hub_id(str(model_path)):
+            raise FileNotFoundError(f"model directory {path} has no config.json; expected a Hugging Face model "
+                                    f"dir or a hub id such as Qwen/Qwen2.5-7B-Instruct")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=_DTYPES[dtype])
+        except OSError as exc:
+            raise FileNotFoundError(f"model {model_path!r} is not a local directory and could not be loaded as a "
+                                    f"hub id ({type(exc).__name__}: {str(exc).splitlines()[0]}); download it "
+                                    f"first or point model.path at a local copy") from None
+        return model.to(device)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_DTYPES[dtype])
     return model.to(device)
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` reads as a hub repo id (`org/name`) and names no local path."""
+    if not name or name.startswith((".", "/", "~")) or Path(name).exists():
+        return False
+    return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*", name) is not None
 
 
 def load_weights_into(model: torch.nn.Module, path: str | os.PathLike) -> None:

@@ -11,6 +11,13 @@ The warm-started model is saved as a Hugging Face model directory (weights,
 config, tokenizer files copied from `model_path`) into `out_dir`, atomically:
 written to a temporary sibling directory, fsynced, then renamed into place.
 Every RL arm of a comparison then starts from that directory.
+
+Demonstrations come either from the built-in tasks (the tiny model) or from a
+chat-message jsonl file (`data.sft_path`, any `model.path`; see
+`load_chat_demonstrations`): one `{"messages": [...]}` object per line, rendered
+by the same `PromptBuilder` the agent loop uses, so SFT trains on exactly the
+layout RL samples. The trainer below is a plain single-process loop; a sharded
+learner can replace `sft_train` without touching how examples are made.
 """
 
 from __future__ import annotations
@@ -37,9 +44,51 @@ from tepo_ray.trainer.batching import (
 )
 from tepo_ray.trainer.checkpoint import commit_dir, copy_tokenizer_files, load_policy
 
-__all__ = ["SFTExample", "as_sft_example", "sft_loss", "LRSchedule", "sft_train"]
+__all__ = ["SFTExample", "as_sft_example", "sft_loss", "LRSchedule", "sft_train", "load_chat_demonstrations",
+           "SFTDataError"]
 
 SFTExample = tuple[list[int], list[int]]  # (token_ids, loss_mask)
+
+
+class SFTDataError(ValueError):
+    """A bad demonstration file line: the message names the file, the line and the field."""
+
+
+def load_chat_demonstrations(path: str | Path, *, builder: Any) -> list[SFTExample]:
+    """(token_ids, loss_mask) per line of a chat-message jsonl file.
+
+    Each non-empty line is `{"messages": [{"role": "system"|"user"|"assistant"|"tool",
+    "content": str}, ...]}`: optional system, the user question, then the agent's
+    assistant turns (tool-call tags included, trained) and tool messages (observations,
+    shown as `<result>…</result>` and loss-masked), as `encode_chat_example` lays them
+    out. Any bad line raises `SFTDataError` naming `path:line` and the field.
+    """
+    from tepo_ray.agent.prompts import ChatFormatError, encode_chat_example
+
+    path = Path(path)
+    if not path.is_file():
+        raise SFTDataError(f"data.sft_path={str(path)!r}: no such file (expected chat-message jsonl)")
+    out: list[SFTExample] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SFTDataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(obj, dict) or "messages" not in obj:
+                raise SFTDataError(f"{where}: expected an object with field 'messages' (a list of "
+                                   f"{{'role', 'content'}} messages)")
+            try:
+                ids, mask = encode_chat_example(builder, obj["messages"], where=where)
+            except ChatFormatError as exc:
+                raise SFTDataError(str(exc)) from None
+            out.append((ids, mask))
+    if not out:
+        raise SFTDataError(f"{path}: no demonstrations (the file has no non-empty lines)")
+    return out
 
 
 def as_sft_example(example: Any, *, index: int) -> SFTExample:
@@ -231,7 +280,12 @@ def _save_model_atomic(model: torch.nn.Module, *, out_dir: Path, tokenizer_from:
     tmp.mkdir()
     try:
         model.save_pretrained(str(tmp))
-        copy_tokenizer_files(tokenizer_from, tmp)
+        if Path(tokenizer_from).is_dir():
+            copy_tokenizer_files(tokenizer_from, tmp)
+        else:  # a hub id: save its tokenizer (chat template included) next to the weights
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(str(tmp))
         (tmp / "sft_metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True), encoding="utf-8")
         commit_dir(tmp, out_dir)
     finally:

@@ -89,6 +89,7 @@ def _check_topology_output(out: str, path: Path, *, overrides: dict[str, dict[st
     bundles, cpus, gpus = _expected_topology(path, overrides=overrides)
     rows = _table_rows(out)
     assert rows, out
+    rows = rows[: next((i + 1 for i, r in enumerate(rows) if r[0] == "total"), len(rows))]  # the bundle table
     body, total = rows[:-1], rows[-1]
     got = [(r[1], int(r[2]), float(r[3]), float(r[4])) for r in body]
     assert got == bundles, out
