@@ -243,6 +243,12 @@ class AlgoConfig:
     alpha: float = 0.5  # dense entropy bonus (paper sweeps 0.1, 0.5, 1.0)
     group_size: int = 4  # samples per prompt (G)
     entropy_window: Optional[int] = None  # first W tokens of each segment; null = whole segment
+    # Tokens ΔH is measured on (docs/algorithm.md): think = the <think> content of each segment (fallback: its
+    # non-tag tokens when it has no <think> content); turn = every generated token of the turn, tags included.
+    entropy_span: str = "think"
+    # Malformed tool calls (tool "invalid", empty call, unknown tool): exclude = not in m/n, no per-call reward;
+    # penalize = in n but never in m, dense per-call reward 0 (docs/algorithm.md).
+    malformed_calls: str = "exclude"
     entropy_chunk_size: int = 256  # tokens per chunk for exact full-vocab entropy
     adv_eps: float = 1e-6
     adv_std_normalize: bool = True
@@ -262,6 +268,9 @@ class AlgoConfig:
         _check(self.group_size >= 2, "algo.group_size", self.group_size, ">= 2 (GRPO needs a group)")
         _check(self.entropy_window is None or self.entropy_window > 0, "algo.entropy_window",
                self.entropy_window, "null or > 0")
+        _check(self.entropy_span in ("think", "turn"), "algo.entropy_span", self.entropy_span, "think|turn")
+        _check(self.malformed_calls in ("exclude", "penalize"), "algo.malformed_calls", self.malformed_calls,
+               "exclude|penalize")
         _check(self.entropy_chunk_size > 0, "algo.entropy_chunk_size", self.entropy_chunk_size, "> 0")
         _check(self.clip_low > 0, "algo.clip_low", self.clip_low, "> 0")
         _check(self.clip_high > 0, "algo.clip_high", self.clip_high, "> 0")
