@@ -48,7 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tepo_ray.config import save_resolved, validate_resources
 from tepo_ray.data.world import PreparedData, prepare_data
-from tepo_ray.metrics import K, MetricsLogger, plot_run
+from tepo_ray.metrics import TOOLS, K, MetricsLogger, call_stats, plot_run
 from tepo_ray.records import RecordError, Trajectory
 from tepo_ray.topology import TopologyPlan, plan_topology
 
@@ -479,20 +479,18 @@ class Driver:
         rec[K.RETRIED_GROUPS] = self.counters[K.RETRIED_GROUPS]
         rec[K.FAILED_GROUPS] = self.counters[K.FAILED_GROUPS]
         rec[K.TIME_STEP] = step_time
-        rec[K.CALLS] = sum(t.num_calls for t in trajs) / len(trajs)
-        for tool in ("python", "search"):
-            rec[K.CALLS_BY_TOOL.format(tool=tool)] = sum(
-                1 for t in trajs for c in t.tool_calls if c.tool == tool) / len(trajs)
-        dh = [c.delta_entropy for t in trajs for c in t.tool_calls if c.delta_entropy is not None]
-        rec[K.DELTA_H_VALUES] = [round(x, 5) for x in dh]
-        rec[K.DELTA_H_MEAN] = sum(dh) / len(dh) if dh else None
-        for tool in ("python", "search"):
-            vals = [c.delta_entropy for t in trajs for c in t.tool_calls if c.tool == tool and c.delta_entropy is not None]
-            rec[K.DELTA_H_TOOL.format(tool=tool)] = sum(vals) / len(vals) if vals else None
-            rec[K.DELTA_H_TOOL_VALUES.format(tool=tool)] = [round(x, 5) for x in vals]
-        with_calls = [t for t in trajs if t.num_calls]
-        rec[K.M_OVER_N] = (sum(t.num_decreasing / t.num_calls for t in with_calls) / len(with_calls)) if with_calls else None
-        rec[K.DECREASE_FRAC] = (sum(1 for t in trajs for c in t.tool_calls if c.entropy_decreased) / len(dh)) if dh else None
+        cs = call_stats(trajs, malformed_calls=self.cfg.algo.malformed_calls)
+        rec[K.CALLS] = cs["calls_per_traj"]
+        rec[K.MALFORMED] = cs["malformed_per_traj"]
+        rec[K.MALFORMED_FRAC] = cs["malformed_fraction"]
+        rec[K.DELTA_H_VALUES] = [round(x, 5) for x in cs["delta_h_values"]]
+        rec[K.DELTA_H_MEAN] = cs["delta_h_mean"]
+        for tool in TOOLS:
+            rec[K.CALLS_BY_TOOL.format(tool=tool)] = cs["calls_by_tool"][tool]
+            rec[K.DELTA_H_TOOL.format(tool=tool)] = cs["delta_h_by_tool"][tool]
+            rec[K.DELTA_H_TOOL_VALUES.format(tool=tool)] = [round(x, 5) for x in cs["delta_h_values_by_tool"][tool]]
+        rec[K.M_OVER_N] = cs["m_over_n"]
+        rec[K.DECREASE_FRAC] = cs["decrease_fraction"]
         rewards = ray.get(self.learner.last_rewards.remote())  # (uid, score, reward): computed on the learner
         if rewards:
             scores = [sc for _, sc, _ in rewards]

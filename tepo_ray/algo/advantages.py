@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .registry import AdvEstimatorName, RewardFnName, get_adv_estimator, get_reward_fn, register_adv_estimator
-from .rewards import RewardInputs
+from .rewards import MalformedCallPolicy, RewardInputs, apply_malformed_policy
 
 __all__ = ["grpo_advantages", "token_advantages", "compute_advantages"]
 
@@ -154,6 +154,8 @@ def compute_advantages(
     decreased: Tensor | None = None,
     call_mask: Tensor | None = None,
     call_spans: Tensor | None = None,
+    malformed: Tensor | None = None,
+    malformed_calls: str | MalformedCallPolicy = MalformedCallPolicy.EXCLUDE,
     alpha: float = 0.0,
     no_tool_value: str | float = "score",
     eps: float = 1e-6,
@@ -173,13 +175,17 @@ def compute_advantages(
         scores: ``[B]`` F1; group_index: ``[B]`` long; loss_mask: ``[B, T]``.
         num_calls: ``[B]`` n (default: ``call_mask.sum(-1)``; must agree with it).
         decreased / call_mask: ``[B, K]`` bool; call_spans: ``[B, K, 2]`` (dense).
+        malformed: ``[B, K]`` bool, True for malformed calls (``ToolCall.malformed``), handled by
+            ``malformed_calls`` (``exclude`` | ``penalize``, see ``apply_malformed_policy``); ``num_calls``
+            and ``call_mask`` include them on input. An excluded call's tokens get the outcome advantage.
     Returns:
         ``(token_adv [B, T], rewards [B], metrics)``. ``rewards`` is the trajectory
         reward ``r_i`` (for dense: the outcome reward F1, its per-call rewards are
         summarised in metrics). Metric keys: ``reward_mean``, ``reward_std``,
         ``adv_mean``, ``adv_abs_mean`` (over trainable tokens), ``m_over_n`` (overall
-        fraction of entropy-decreasing calls, 0 without calls), ``num_calls_mean``,
-        and for dense ``tool_reward_mean`` / ``tool_adv_abs_mean``.
+        fraction of entropy-decreasing calls among the counted ones, 0 without calls),
+        ``num_calls_mean`` (counted calls), ``malformed_calls`` (how many in the batch), and for
+        dense ``tool_reward_mean`` / ``tool_adv_abs_mean``.
     """
     mode_key = mode.value if isinstance(mode, RewardFnName) else str(mode)
     reward_fn = get_reward_fn(mode_key)
@@ -198,6 +204,15 @@ def compute_advantages(
             raise ValueError(
                 f"num_calls {num_calls.tolist()} disagrees with call_mask.sum(-1) {call_mask.sum(-1).tolist()}"
             )
+    penalized = None
+    n_malformed = 0
+    if malformed is not None:
+        if call_mask is None or decreased is None:
+            raise ValueError("malformed given without call_mask and decreased: expected all three as [B, K]")
+        n_malformed = int((malformed.bool() & call_mask).sum())
+        call_mask, decreased, penalized = apply_malformed_policy(
+            malformed_calls, call_mask=call_mask, decreased=decreased, malformed=malformed)
+        num_calls = call_mask.sum(-1)
     inputs = RewardInputs(
         scores=scores.float(),
         num_calls=num_calls,
@@ -205,6 +220,7 @@ def compute_advantages(
         call_mask=call_mask,
         alpha=alpha,
         no_tool_value=no_tool_value,
+        penalized=penalized,
     )
     rewards = reward_fn(inputs)
     metrics: dict[str, float] = {}
@@ -241,6 +257,7 @@ def compute_advantages(
     if call_mask is not None and decreased is not None:
         n_total = int(call_mask.sum())
         metrics["m_over_n"] = float((decreased.bool() & call_mask).sum()) / n_total if n_total else 0.0
+    metrics["malformed_calls"] = float(n_malformed)
     if num_calls is not None:
         metrics["num_calls_mean"] = float(num_calls.double().mean()) if B else 0.0
     return token_adv, traj_rewards, metrics
