@@ -96,12 +96,29 @@ class ModelConfig:
 
 
 @dataclass
+class JsonlFieldsConfig:
+    """Field names for `data.format=jsonl` (any jsonl); dotted names reach nested fields."""
+
+    question: str = "question"
+    answers: str = "answers"  # a string or a list of strings (aliases)
+    id: Optional[str] = None  # null: <file stem>-<n>
+    task_type: str = "qa"  # qa | math: the task kind of every item
+
+    def __post_init__(self) -> None:
+        _check(self.task_type in ("qa", "math"), "data.jsonl_fields.task_type", self.task_type, "qa|math")
+
+
+@dataclass
 class DataConfig:
     """Prompts for RL / evaluation and demonstrations for SFT."""
 
     task: str = "mixed"  # arithmetic | multihop | mixed | jsonl
-    train_path: Optional[str] = None  # jsonl of {"id", "question", "answers", "task_type"} when task=jsonl
+    train_path: Optional[str] = None  # a data file when task=jsonl, read with `format`
     eval_path: Optional[str] = None
+    # Loader of train_path / eval_path (tepo_ray.data.loaders): tasks (this project's jsonl) | hotpotqa |
+    # 2wikimultihopqa | musique | bamboogle | aime | math500 | gsm8k | gaia | jsonl (mapped by jsonl_fields).
+    format: str = "tasks"
+    jsonl_fields: JsonlFieldsConfig = field(default_factory=JsonlFieldsConfig)
     corpus_path: Optional[str] = None  # wiki-18 style jsonl; generated when null
     num_train: int = 512
     num_eval: int = 64
@@ -112,6 +129,9 @@ class DataConfig:
                "arithmetic|multihop|mixed|jsonl")
         _check(self.num_train > 0, "data.num_train", self.num_train, "> 0")
         _check(self.num_eval >= 0, "data.num_eval", self.num_eval, ">= 0")
+        from tepo_ray.data.loaders import loader_names
+
+        _check(self.format in loader_names(), "data.format", self.format, "|".join(loader_names()))
 
 
 @dataclass
