@@ -50,6 +50,7 @@ from tepo_ray.config import save_resolved, validate_resources
 from tepo_ray.data.world import PreparedData, prepare_data
 from tepo_ray.metrics import TOOLS, K, MetricsLogger, call_stats, plot_run
 from tepo_ray.records import RecordError, Trajectory
+from tepo_ray.tool_pools import QUIET_ENV, PoolPlacement, start_tool_pools
 from tepo_ray.topology import TopologyPlan, plan_topology
 
 __all__ = ["Driver", "train"]
@@ -69,27 +70,6 @@ def resolve_run_dir(cfg: DictConfig, resume: str | None) -> Path:
 
 
 MAX_GROUP_ATTEMPTS = 3  # a prompt whose group fails this often is skipped (counted), not retried forever
-
-# Keep actor logs readable: engines and loaders are chatty at INFO.
-QUIET_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-             "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "1"}
-
-
-def _worker_resources(bundles: list[Any], max_workers: int) -> Any:
-    """Per-worker CPUs so that `max_workers` workers fit the pool's bundles (scale() never needs a new PG)."""
-    from types import SimpleNamespace
-
-    total_cpus = sum(b.num_cpus for b in bundles)
-    return SimpleNamespace(num_cpus=total_cpus / max(max_workers, 1), num_gpus=0.0)
-
-
-def _tools_cfg(cfg: DictConfig, kind: str, index_dir: str | None) -> Any:
-    """The tools sub-config with the prepared index dir filled in."""
-    tools = OmegaConf.to_object(cfg.tools)
-    if kind == "search" and index_dir:
-        tools.search.index_dir = index_dir
-    return tools
-
 
 def _truncate_metrics(path: Path, *, keep_through_step: int) -> None:
     """On resume, drop metric lines of steps after the checkpoint (they are redone), atomically."""
@@ -161,7 +141,6 @@ class Driver:
         from actors.entropy_scorer import EntropyScorerActor
         from actors.generation import GenerationWorker
         from actors.learner import LearnerActor
-        from actors.tool_pool_service import ToolPoolService
 
         if not ray.is_initialized():
             address = self.address or os.environ.get("RAY_ADDRESS") or None
@@ -196,18 +175,8 @@ class Driver:
                 name=f"scorer-{b.replica}", **self.scorer_kwargs)
             for b in self.plan.for_role("scorers")
         ]
-        self.pools: dict[str, Any] = {}
-        pool_cls = ray.remote(ToolPoolService)
-        for kind, role in (("python", "python_tools"), ("search", "search_tools")):
-            bundles = self.plan.for_role(role)
-            if not bundles or cfg.tools[kind].workers == 0 or (kind == "search" and not self.assets.index_dir):
-                continue
-            self.pools[kind] = pool_cls.options(
-                num_cpus=0, max_concurrency=10_000, max_restarts=-1,
-                scheduling_strategy=strategy(bundles[0])).remote(
-                kind, tools_cfg=_tools_cfg(cfg, kind, self.assets.index_dir),
-                resources=_worker_resources(bundles, cfg.tools[kind].max_workers),
-                placement_group=self.pg, bundle_indices=[b.index for b in bundles])
+        self.pools = start_tool_pools(cfg, index_dir=self.assets.index_dir,
+                                      placement=PoolPlacement(self.pg, self.plan.for_role))
         gen_cls = ray.remote(self.generator_cls or GenerationWorker)
         self.generators = [
             gen_cls.options(**opts(b, max_concurrency=10_000)).remote(

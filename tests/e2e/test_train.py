@@ -120,18 +120,63 @@ def test_killed_generator_and_scorer_are_restarted(tiny_overrides, tmp_path):
     assert summary_file["steps"] == 3
 
 
-def test_eval_scores_held_out_split_with_real_tools(tiny_overrides, tmp_path):
-    from tepo_ray.data.world import prepare_data
-    from tepo_ray.evaluate import evaluate
+def test_eval_cli_reports_each_data_set_with_real_tools(tiny_overrides, tmp_path):
+    """`tepo-ray eval CONFIG --data NAME=PATH ...`: held-out split and a GSM8K-format file, real python pool,
+    entropy-scored ΔH; every number in the report is recomputed from the written trajectories."""
+    from typer.testing import CliRunner
+
+    from tepo_ray.cli import app
+    from tepo_ray.data.tasks import arithmetic_items
+    from tepo_ray.metrics import EVAL_METRICS, call_stats
     from tepo_ray.records import read_jsonl
 
-    cfg = _cfg(tiny_overrides, tmp_path, "engine.name=hf")
-    result = evaluate(cfg, out_dir=tmp_path / "eval")
-    items = prepare_data(cfg, progress=False).eval_items
-    trajs = list(read_jsonl(tmp_path / "eval" / "eval_trajectories.jsonl"))
-    assert result["n"] == len(trajs) == len(items) > 0
-    assert {t.prompt_id for t in trajs} == {str(it["id"]) for it in items}
-    scores = [t.score for t in trajs]
-    assert all(0.0 <= s <= 1.0 for s in scores)
-    assert result["score_mean"] == pytest.approx(sum(scores) / len(scores))
-    assert result["calls_per_traj"] == pytest.approx(sum(t.num_calls for t in trajs) / len(trajs))
+    gsm = tmp_path / "gsm8k_like.jsonl"
+    with open(gsm, "w") as fh:
+        for it in arithmetic_items(n=4, seed=77, hard_fraction=1.0):
+            fh.write(json.dumps({"question": it["question"], "answer": f"work...\n#### {it['answers'][0]}"}) + "\n")
+    cfg_path = tmp_path / "cfg.yaml"
+    from tepo_ray.config import to_yaml
+
+    cfg_path.write_text(to_yaml(_cfg(tiny_overrides, tmp_path, "engine.name=hf", "data.num_eval=3")))
+    out = tmp_path / "eval"
+    res = CliRunner().invoke(app, ["eval", str(cfg_path), "--data", f"gsm8k={gsm}", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report["datasets"]) == {"gsm8k"}
+    md = (out / "eval.md").read_text()
+    assert "| gsm8k |" in md and "correct_per_call" in md
+    trajs = list(read_jsonl(out / "eval_trajectories_gsm8k.jsonl"))
+    summary = report["datasets"]["gsm8k"]
+    assert set(EVAL_METRICS) <= set(summary) and summary["n"] == len(trajs) == 4
+    assert all(t.task_type == "math" and t.entropies is not None for t in trajs)
+    from tepo_ray.algo import math_equal
+
+    correct = [t for t in trajs if t.answer is not None and math_equal(t.answer, t.gold[0]) == 1.0]
+    assert summary["accuracy"] == pytest.approx(len(correct) / 4)
+    calls = sum(t.num_calls for t in trajs)
+    assert summary["calls_per_question"] == pytest.approx(calls / 4)
+    assert calls > 0, "the SFT-warm-started model should call the python tool on 3-digit products"
+    assert summary["correct_per_call"] == pytest.approx(len(correct) / calls)
+    python_calls = [c for t in trajs for c in t.tool_calls if c.tool == "python"]
+    assert any(c.error is None and c.observation.strip().isdigit() for c in python_calls)  # the real sandbox ran
+    cs = call_stats(trajs)
+    assert summary["delta_h_mean"] == pytest.approx(cs["delta_h_mean"])
+    assert summary["em"] is None and summary["f1"] is None  # math-only set
+
+    # No --data: the held-out split of the config.
+    res = CliRunner().invoke(app, ["eval", str(cfg_path), "--out", str(out / "held")])
+    assert res.exit_code == 0, res.output
+    from tepo_ray.data.world import prepare_data
+
+    held = json.loads((out / "held" / "eval.json").read_text())["datasets"]["held_out"]
+    items = prepare_data(load_config([cfg_path]), progress=False).eval_items
+    held_trajs = list(read_jsonl(out / "held" / "eval_trajectories_held_out.jsonl"))
+    assert held["n"] == len(held_trajs) == len(items) > 0
+    assert {t.prompt_id for t in held_trajs} == {str(it["id"]) for it in items}
+
+    # A bad data file fails before anything starts, naming file, line and field.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q2"}\n')
+    res = CliRunner().invoke(app, ["eval", str(cfg_path), "--data", f"gsm8k={bad}", "--out", str(out / "bad")])
+    assert res.exit_code == 2 and "bad.jsonl:2: missing field 'answer'" in res.output
+
