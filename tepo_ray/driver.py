@@ -185,6 +185,18 @@ class Driver:
                 **self.generator_kwargs)
             for b in self.plan.for_role("generators")
         ]
+        self.evaluator = None
+        if cfg.trainer.eval_interval and self.assets.eval_items:
+            # Greedy held-out eval every trainer.eval_interval steps: one extra generator outside the placement
+            # group (temperature 0, the run's tool pools) and the first scorer for ΔH.
+            from tepo_ray.evaluate import Evaluator
+
+            self.eval_generator = ray.remote(GenerationWorker).options(
+                num_cpus=0, num_gpus=cfg.topology.generators.num_gpus, max_concurrency=10_000).remote(
+                engine_cfg=OmegaConf.merge(cfg.engine, {"temperature": 0.0}), model_path=self.assets.model_path,
+                pools=self.pools, max_observation_chars=cfg.tools.max_observation_chars, name="eval-generator")
+            self.evaluator = Evaluator(generator=self.eval_generator, scorer=self.scorers[0],
+                                       malformed_calls=cfg.algo.malformed_calls)
         ray.get([a.ready.remote() for a in [self.learner, *self.scorers, *self.pools.values(), *self.generators]])
         if self.resume:
             self._restore()
@@ -312,6 +324,10 @@ class Driver:
                                                 inflight=len(gen_inflight))
                     t_last = now
                     train_batch = []
+                    if self.evaluator is not None and self.step % cfg.trainer.eval_interval == 0:
+                        record.update(self._evaluate(path, version))
+                        record[K.TIME_EVAL] = time.perf_counter() - now
+                        t_last = time.perf_counter()  # eval time is not the next step's time
                     logger.log(record)
                     display.update(self.step, record)
                     if cfg.trainer.checkpoint_interval and (
@@ -504,10 +520,22 @@ class Driver:
                 pass
         return rec
 
+    def _evaluate(self, path: str, version: int) -> dict[str, Any]:
+        """Held-out eval with the current weights: the `eval/held_out/*` keys of this step's record. A failed
+        eval is reported (`eval/failed`) and training goes on."""
+        from tepo_ray.evaluate import eval_record
+
+        try:
+            results, _ = self.evaluator.run({"held_out": self.assets.eval_items}, weights=(path, version))
+        except Exception as exc:  # eval never stops training
+            print(f"[tepo-ray] eval at step {self.step} failed: {type(exc).__name__}: {str(exc)[:300]}")
+            return {K.EVAL_FAILED: 1}
+        return eval_record(results, step=self.step)
+
     def shutdown(self) -> None:
         import ray
 
-        for g in getattr(self, "generators", []):
+        for g in [*getattr(self, "generators", []), *([self.eval_generator] if hasattr(self, "eval_generator") else [])]:
             try:
                 ray.get(g.shutdown.remote(), timeout=30)
             except Exception:

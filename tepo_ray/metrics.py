@@ -61,6 +61,8 @@ class K:
     # Evaluation (`tepo-ray eval`, and every trainer.eval_interval steps on the held-out split)
     EVAL_PREFIX = "eval/"
     EVAL = "eval/{name}/{metric}"  # metric: one of EVAL_METRICS
+    TIME_EVAL = "time/eval_s"
+    EVAL_FAILED = "eval/failed"  # 1 at a step whose periodic eval raised (training went on)
 
 
 # Per-data-set evaluation metrics (`tepo_ray.evaluate.summarize_trajectories`).
