@@ -53,8 +53,9 @@ def parse_data_args(args: Sequence[str]) -> dict[str, tuple[str, str]]:
 
 
 def score_trajectories(trajs: Sequence[Trajectory]) -> None:
-    """Set `score` (F1 for QA, equivalence for math: the training score), `meta["em"]` and `meta["correct"]`."""
-    from tepo_ray.algo import exact_match, outcome_scores
+    """Set `score` (the training score of the item's task type), `meta["em"]`, `meta["f1"]` (QA) and
+    `meta["correct"]` (EM = 1 for QA, equivalence for math)."""
+    from tepo_ray.algo import exact_match, f1_score, outcome_scores
 
     if not trajs:
         return
@@ -66,6 +67,7 @@ def score_trajectories(trajs: Sequence[Trajectory]) -> None:
             t.meta["correct"] = t.score >= 1.0
         else:
             t.meta["em"] = exact_match(t.answer, t.gold)
+            t.meta["f1"] = f1_score(t.answer, t.gold)
             t.meta["correct"] = t.meta["em"] >= 1.0
 
 
@@ -83,7 +85,7 @@ def summarize_trajectories(trajs: Sequence[Trajectory], *, malformed_calls: str 
     out = {
         "n": n,
         "em": _mean([float(t.meta.get("em", 0.0)) for t in qa]),
-        "f1": _mean([t.score or 0.0 for t in qa]),
+        "f1": _mean([float(t.meta.get("f1", 0.0)) for t in qa]),
         "accuracy": correct / n if n else None,
         "answered": sum(1 for t in trajs if t.answer is not None) / n if n else None,
         "calls_per_question": calls / n if n else None,

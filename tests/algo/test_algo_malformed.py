@@ -84,3 +84,16 @@ def test_equal_tool_rewards_give_zero_tool_advantages():
     g["decreased"] = torch.zeros(2, 2, dtype=torch.bool)
     adv, _, _ = compute_advantages("dense", **g, alpha=1.0)
     assert adv.abs().max().item() == 0.0
+
+
+def test_learner_inputs_mark_malformed_calls():
+    from tepo_ray.records import Segment, ToolCall, Trajectory
+    from tepo_ray.trainer.learner import build_advantage_inputs
+
+    t = Trajectory(uid="a", group_id="g", prompt_id="p", token_ids=[1] * 8, loss_mask=[0, 1, 1, 0, 1, 1, 0, 1],
+                   versions=[0] * 8, prompt_len=1,
+                   segments=[Segment(1, 3, 0), Segment(4, 6, 1), Segment(7, 8, None)],
+                   tool_calls=[ToolCall(tool="python", argument="1", segment_index=0, entropy_decreased=True),
+                               ToolCall(tool="invalid", argument="", error="malformed", segment_index=1)])
+    inputs = build_advantage_inputs([t])
+    assert inputs.malformed.tolist() == [[False, True]] and inputs.call_mask.tolist() == [[True, True]]
