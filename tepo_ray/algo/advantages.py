@@ -72,7 +72,12 @@ def grpo_advantages(
         sq = torch.zeros_like(count).index_add_(0, inv, centered * centered)  # [G]
         std = (sq / (count - 1).clamp_min(1)).sqrt()  # [G] unbiased
         adv = centered / (std[inv] + eps)
-    valid = mask & (count[inv] > 1)
+    # Equal rewards -> exactly 0: the float mean of equal values can differ from them by an ulp, which
+    # divided by a ~0 std would give advantages of ~1e-7 instead of 0.
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=r.device)
+    gmax = torch.full_like(count, -float("inf")).scatter_reduce(0, inv, torch.where(mask, r, -inf), "amax")  # [G]
+    gmin = torch.full_like(count, float("inf")).scatter_reduce(0, inv, torch.where(mask, r, inf), "amin")  # [G]
+    valid = mask & (count[inv] > 1) & (gmax[inv] > gmin[inv])
     return torch.where(valid, adv, torch.zeros_like(adv)).to(out_dtype)
 
 

@@ -97,3 +97,10 @@ def test_learner_inputs_mark_malformed_calls():
                                ToolCall(tool="invalid", argument="", error="malformed", segment_index=1)])
     inputs = build_advantage_inputs([t])
     assert inputs.malformed.tolist() == [[False, True]] and inputs.call_mask.tolist() == [[True, True]]
+
+
+def test_equal_rewards_give_exactly_zero_even_when_their_float_mean_is_off_by_an_ulp():
+    from tepo_ray.algo import grpo_advantages
+
+    r = torch.full((3,), 2.8127893726983553, dtype=torch.float64)  # mean(r) != r[0] in float64
+    assert grpo_advantages(r, torch.zeros(3, dtype=torch.long), eps=1e-9).abs().max().item() == 0.0
