@@ -187,8 +187,9 @@ def compute_advantages(
         ``(token_adv [B, T], rewards [B], metrics)``. ``rewards`` is the trajectory
         reward ``r_i`` (for dense: the outcome reward F1, its per-call rewards are
         summarised in metrics). Metric keys: ``reward_mean``, ``reward_std``,
-        ``adv_mean``, ``adv_abs_mean`` (over trainable tokens), ``m_over_n`` (overall
-        fraction of entropy-decreasing calls among the counted ones, 0 without calls),
+        ``adv_mean``, ``adv_abs_mean`` (over trainable tokens), ``decreasing_fraction`` (pooled
+        share of counted calls with I = 1, 0 without calls; the per-trajectory m/n that is logged
+        as ``tepo/m_over_n`` is ``tepo_ray.metrics.call_stats``),
         ``num_calls_mean`` (counted calls), ``malformed_calls`` (how many in the batch), and for
         dense ``tool_reward_mean`` / ``tool_adv_abs_mean``.
     """
@@ -261,7 +262,7 @@ def compute_advantages(
     metrics["adv_abs_mean"] = _summary(token_adv.abs(), trainable)[0]
     if call_mask is not None and decreased is not None:
         n_total = int(call_mask.sum())
-        metrics["m_over_n"] = float((decreased.bool() & call_mask).sum()) / n_total if n_total else 0.0
+        metrics["decreasing_fraction"] = float((decreased.bool() & call_mask).sum()) / n_total if n_total else 0.0
     metrics["malformed_calls"] = float(n_malformed)
     if num_calls is not None:
         metrics["num_calls_mean"] = float(num_calls.double().mean()) if B else 0.0

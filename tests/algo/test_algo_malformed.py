@@ -42,13 +42,13 @@ def test_sparse_exclude_counts_only_well_formed_calls():
     _, r, m = compute_advantages("sparse", **_group(), malformed_calls="exclude")
     # traj 0: m/n = 1/1 (the malformed call is not a call), traj 1: 0/1
     assert r.tolist() == pytest.approx([1.0, 0.0])
-    assert m["m_over_n"] == pytest.approx(1 / 2) and m["malformed_calls"] == 1.0
+    assert m["decreasing_fraction"] == pytest.approx(1 / 2) and m["malformed_calls"] == 1.0
 
 
 def test_sparse_penalize_counts_the_malformed_call_as_unhelpful():
     _, r, m = compute_advantages("sparse", **_group(), malformed_calls="penalize")
     assert r.tolist() == pytest.approx([0.5, 0.0])  # traj 0: m/n = 1/2
-    assert m["m_over_n"] == pytest.approx(1 / 3)
+    assert m["decreasing_fraction"] == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize("policy", ["exclude", "penalize"])
