@@ -10,7 +10,8 @@ argument or answer). `token_roles` labels every generated token with one of
 `ROLE_THINK`, `ROLE_TAG`, `ROLE_ACTION`, `ROLE_TEXT` (free text outside any
 block). The labels come from the token ids that were actually sampled: each
 token's character span in `tokenizer.decode(ids)` is found by incremental
-decoding (the method of vLLM's detokenizer), never by re-tokenising text, so a
+decoding (`tokenizers`' DecodeStream, or vLLM's detokenizer method for slow
+tokenizers), never by re-tokenising text, so a
 tag that is one token (the embedded tokenizer) and a tag split over several
 tokens (most hub tokenizers) are labelled the same way.
 
@@ -23,6 +24,7 @@ An unclosed `<think>` runs to the next tag or the end of the turn.
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Any, Sequence
 
@@ -43,33 +45,59 @@ def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
-def token_char_ends(tokenizer: Any, ids: Sequence[int]) -> list[int]:
-    """End offset of every token's characters in `tokenizer.decode(ids)` (non-decreasing).
+def _stream_pieces(tokenizer: Any, ids: list[int]) -> list[str] | None:
+    """Per-token text pieces from the `tokenizers` library's incremental decoder (fast tokenizers only);
+    a token that does not complete a character gives ""."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        from tokenizers.decoders import DecodeStream
+    except ImportError:  # tokenizers < 0.21
+        return None
+    stream = DecodeStream(skip_special_tokens=False)
+    return [stream.step(backend, i) or "" for i in ids]
 
-    Token i covers characters `[ends[i-1], ends[i])` (`ends[-1]` = 0). A token that
-    does not complete a character (the first bytes of a multi-byte one) covers none.
-    Incremental: each step decodes a few tokens (from the last emitted prefix), so a
-    turn of n tokens costs O(n) small decodes. If the pieces do not add up to the full
-    decode (a tokenizer whose decode is not prefix-stable), exact prefix decodes are used.
-    """
-    ids = list(ids)
-    ends: list[int] = []
-    prefix = read = 0  # tokens [prefix, read) were decoded last and are already emitted
-    total = 0
+
+def _python_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
+    """The same pieces with `tokenizer.decode` only (the method of vLLM's detokenizer): each step decodes
+    the few tokens since the last emitted prefix, so the cost is O(n) small decodes."""
     pieces: list[str] = []
+    prefix = read = 0  # tokens [prefix, read) were decoded last and are already emitted
     for i in range(len(ids)):
         before = _decode(tokenizer, ids[prefix:read])
         now = _decode(tokenizer, ids[prefix : i + 1])
         if len(now) > len(before) and not now.endswith("\ufffd") and now.startswith(before):
             pieces.append(now[len(before):])
-            total += len(now) - len(before)
             prefix, read = read, i + 1
-        ends.append(total)
+        else:
+            pieces.append("")
+    return pieces
+
+
+def token_char_ends(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    """End offset of every token's characters in `tokenizer.decode(ids)` (non-decreasing).
+
+    Token i covers characters `[ends[i-1], ends[i])` (`ends[-1]` = 0). A token that
+    does not complete a character (the first bytes of a multi-byte one) covers none.
+    Incremental decoding (`tokenizers.decoders.DecodeStream` for fast tokenizers, ~1 µs a
+    token; else a few `decode` calls a token). If the pieces do not add up to the full
+    decode (a tokenizer whose decode is not prefix-stable), exact prefix decodes are used.
+    """
+    ids = list(ids)
     full = _decode(tokenizer, ids)
-    joined = "".join(pieces)
-    if not (full.startswith(joined) and set(full[len(joined):]) <= {"\ufffd"}):
-        ends = [len(_decode(tokenizer, ids[: i + 1])) for i in range(len(ids))]
-    return ends
+    for pieces_of in (_stream_pieces, _python_pieces):
+        pieces = pieces_of(tokenizer, ids)
+        if pieces is None:
+            continue
+        joined = "".join(pieces)
+        if full.startswith(joined) and set(full[len(joined):]) <= {"\ufffd"}:
+            ends, total = [], 0
+            for piece in pieces:
+                total += len(piece)
+                ends.append(total)
+            return ends
+    return [len(_decode(tokenizer, ids[: i + 1])) for i in range(len(ids))]
 
 
 def char_roles(text: str) -> list[str]:
@@ -82,18 +110,13 @@ def char_roles(text: str) -> list[str]:
         name = m.group(0).strip("</>")
         closing = m.group(0).startswith("</")
         if block is not None:
-            inner = ROLE_THINK if block == "think" else ROLE_ACTION
-            for c in range(block_start, m.start()):
-                roles[c] = inner
-        for c in range(m.start(), m.end()):
-            roles[c] = ROLE_TAG
+            roles[block_start : m.start()] = [ROLE_THINK if block == "think" else ROLE_ACTION] * (m.start() - block_start)
+        roles[m.start() : m.end()] = [ROLE_TAG] * (m.end() - m.start())
         if name in known:  # an unknown tag (e.g. <bash>) is excluded but opens/closes nothing
             block = None if closing else name
         block_start = m.end()
     if block is not None:  # unclosed block runs to the end of the turn
-        inner = ROLE_THINK if block == "think" else ROLE_ACTION
-        for c in range(block_start, len(text)):
-            roles[c] = inner
+        roles[block_start:] = [ROLE_THINK if block == "think" else ROLE_ACTION] * (len(text) - block_start)
     return roles
 
 
@@ -113,7 +136,7 @@ def token_roles(tokenizer: Any, ids: Sequence[int]) -> list[str]:
         if ids[i] in special or ROLE_TAG in chars:
             out.append(ROLE_TAG)
         elif chars:
-            out.append(chars[0] if len(set(chars)) == 1 else ROLE_TEXT)
+            out.append(chars[0] if chars.count(chars[0]) == len(chars) else ROLE_TEXT)
         else:  # nothing decodes from here on (trailing partial bytes)
             out.append(ROLE_TEXT)
         start = end
@@ -123,12 +146,12 @@ def token_roles(tokenizer: Any, ids: Sequence[int]) -> list[str]:
 def role_spans(roles: Sequence[str], wanted: set[str] | frozenset[str], *, offset: int = 0) -> list[list[int]]:
     """Maximal runs `[start, end)` (shifted by `offset`) of tokens whose role is in `wanted`."""
     spans: list[list[int]] = []
-    for i, r in enumerate(roles):
-        if r in wanted:
-            if spans and spans[-1][1] == offset + i:
-                spans[-1][1] += 1
-            else:
-                spans.append([offset + i, offset + i + 1])
+    pos = offset
+    for inside, run in itertools.groupby(roles, key=wanted.__contains__):
+        n = sum(1 for _ in run)
+        if inside:
+            spans.append([pos, pos + n])
+        pos += n
     return spans
 
 
