@@ -14,7 +14,7 @@ the one shape the rollout uses (`tepo_ray.data.tasks`)::
 | `aime` | jsonl or parquet | `problem`, integer `answer` (also `Problem` / `Answer`, `id` / `ID`) |
 | `math500` | jsonl | `problem`, `answer`, `unique_id` |
 | `gsm8k` | jsonl | `question`, `answer` (gold after `####`) |
-| `gaia` | `metadata.jsonl` | `task_id`, `Question`, `Final answer`, `file_name` (items with an attachment skipped, counted) |
+| `gaia` | `metadata.jsonl` | `task_id`, `Question`, `Final answer`, `file_name` (items with an attachment, or the test split's hidden `?` answers, skipped and counted) |
 | `tasks` | jsonl | this project's own format (`question`, `answers`, `task_type`) |
 | `jsonl` | jsonl | any fields, mapped by `data.jsonl_fields` (`question`, `answers`, `id`, `task_type`) |
 
@@ -308,8 +308,11 @@ def load_gaia(path: Path, *, fields: Mapping[str, Any] | None = None) -> LoadRes
         if _field(where, obj, "file_name", required=False):
             res.skip("has_attachment")
             continue
-        res.items.append(_item(_field(where, obj, "task_id"), _field(where, obj, "Question"),
-                               [_field(where, obj, "Final answer")], "qa"))
+        answer = _field(where, obj, "Final answer")
+        if answer.strip() == "?":  # the test split hides its answers
+            res.skip("answer_hidden")
+            continue
+        res.items.append(_item(_field(where, obj, "task_id"), _field(where, obj, "Question"), [answer], "qa"))
     return res
 
 

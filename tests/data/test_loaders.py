@@ -68,11 +68,11 @@ def test_math500_and_gsm8k():
     assert [it["answers"] for it in g.items] == [["18"], ["3"], ["70000"]]
 
 
-def test_gaia_skips_and_counts_items_with_attachments():
+def test_gaia_skips_and_counts_items_with_attachments_or_hidden_answers():
     res = load_dataset("gaia", FIX / "gaia_metadata.jsonl")
     assert [it["answers"] for it in res.items] == [["egalitarian"], ["3"]]
     assert res.items[0]["id"] == "c61d22de-5f6c-4958-a7f6-5e9707bd3466"
-    assert res.skipped == {"has_attachment": 1}
+    assert res.skipped == {"has_attachment": 1, "answer_hidden": 1}
 
 
 def test_jsonl_with_a_field_mapping():
