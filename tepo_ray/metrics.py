@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-__all__ = ["K", "MetricsLogger", "read_metrics", "plot_run", "summarize"]
+__all__ = ["K", "MetricsLogger", "read_metrics", "plot_run", "summarize", "call_stats", "TOOLS"]
+
+TOOLS = ("python", "search")
 
 
 class K:
@@ -33,6 +35,8 @@ class K:
     DELTA_H_TOOL = "tepo/{tool}/delta_h_mean"
     DELTA_H_TOOL_VALUES = "tepo/{tool}/delta_h_values"
     DECREASE_FRAC = "tepo/decrease_fraction"
+    MALFORMED = "tools/malformed_per_traj"  # malformed calls (tool "invalid", empty, unknown tool) per trajectory
+    MALFORMED_FRAC = "tools/malformed_fraction"  # malformed / all calls
     DELTA_H_VALUES = "tepo/delta_h_values"  # list: distribution, kept in jsonl for plots
     STALENESS_MIN = "async/staleness_min"
     STALENESS_MEAN = "async/staleness_mean"
@@ -54,6 +58,53 @@ class K:
     RETRIED_GROUPS = "faults/groups_retried_total"
     FAILED_GROUPS = "faults/groups_skipped_total"  # prompts skipped after MAX_GROUP_ATTEMPTS failures
     WALL = "time/wall_s"
+    # Evaluation (`tepo-ray eval`, and every trainer.eval_interval steps on the held-out split)
+    EVAL_PREFIX = "eval/"
+    EVAL = "eval/{name}/{metric}"  # metric: one of EVAL_METRICS
+    TIME_EVAL = "time/eval_s"
+    EVAL_FAILED = "eval/failed"  # 1 at a step whose periodic eval raised (training went on)
+
+
+# Per-data-set evaluation metrics (`tepo_ray.evaluate.summarize_trajectories`).
+EVAL_METRICS = ("n", "em", "f1", "accuracy", "answered", "calls_per_question", "correct_per_call",
+                "delta_h_mean", "delta_h_negative_share", "malformed_per_question", "tool_errors_per_question")
+
+
+def call_stats(trajectories: Iterable[Any], *, malformed_calls: str = "exclude") -> dict[str, Any]:
+    """Tool-call statistics of a batch, the one definition the driver, learner and eval share.
+
+    * ``calls_per_traj``: every call, malformed ones included; ``calls_by_tool`` per tool kind.
+    * ``malformed_per_traj`` / ``malformed_fraction``: malformed calls (`ToolCall.malformed`).
+    * ``m_over_n``: mean over trajectories with n > 0 of m / n, m = calls with ΔH < 0, n = calls that
+      count under ``malformed_calls`` (exclude: well-formed only; penalize: all); None when no
+      trajectory has n > 0.
+    * ``delta_h_mean`` / ``delta_h_values``: over calls with a defined ΔH (malformed calls have none);
+      ``delta_h_by_tool``; ``decrease_fraction``: share of those with ΔH < 0. None when empty.
+    """
+    trajs = list(trajectories)
+    n_traj = max(len(trajs), 1)
+    calls = [c for t in trajs for c in t.tool_calls]
+    ratios = []
+    for t in trajs:
+        counted = [c for c in t.tool_calls if malformed_calls == "penalize" or not c.malformed]
+        if counted:
+            ratios.append(sum(1 for c in counted if c.entropy_decreased and not c.malformed) / len(counted))
+    dh = [c.delta_entropy for c in calls if c.delta_entropy is not None]
+    malformed = sum(1 for c in calls if c.malformed)
+    by_tool = {tool: [c.delta_entropy for c in calls if c.tool == tool and c.delta_entropy is not None]
+               for tool in TOOLS}
+    return {
+        "calls_per_traj": len(calls) / n_traj,
+        "calls_by_tool": {tool: sum(1 for c in calls if c.tool == tool) / n_traj for tool in TOOLS},
+        "malformed_per_traj": malformed / n_traj,
+        "malformed_fraction": malformed / len(calls) if calls else 0.0,
+        "m_over_n": sum(ratios) / len(ratios) if ratios else None,
+        "delta_h_values": dh,
+        "delta_h_mean": sum(dh) / len(dh) if dh else None,
+        "delta_h_by_tool": {tool: (sum(v) / len(v) if v else None) for tool, v in by_tool.items()},
+        "delta_h_values_by_tool": by_tool,
+        "decrease_fraction": sum(1 for x in dh if x < 0) / len(dh) if dh else None,
+    }
 
 
 class MetricsLogger:

@@ -62,6 +62,13 @@ class ToolCall:
     delta_entropy: float | None = None  # ΔH_k, filled by the entropy scorer (None: undefined)
     entropy_decreased: bool | None = None  # I_{i,k}
 
+    @property
+    def malformed(self) -> bool:
+        """A call that could not run as written: unparseable, empty or unknown-tool (`tool == "invalid"`),
+        or a tool this run has no pool for (`error == "unavailable"`). docs/algorithm.md says how
+        such calls enter m/n and the dense rewards (`algo.malformed_calls`)."""
+        return self.tool == "invalid" or self.error in ("malformed", "unavailable") or not self.argument.strip()
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -77,6 +84,11 @@ class Segment:
     start: int
     end: int
     tool_call_index: int | None = None  # call that closes this segment; None for the final segment
+    # Token spans [start, end) inside [start, end) recorded by the rollout from the sampled ids
+    # (tepo_ray.agent.spans): `<think>` content, and every non-tag token. None: not recorded
+    # (older records, hand-built ones): ΔH then uses the whole segment.
+    reasoning_spans: list[list[int]] | None = None
+    nontag_spans: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -158,6 +170,13 @@ class Trajectory:
                 )
             if any(m == 0 for m in self.loss_mask[seg.start : seg.end]):
                 raise RecordError(f"trajectory {self.uid}: segments[{k}] covers tokens with loss_mask 0")
+            for name in ("reasoning_spans", "nontag_spans"):
+                for a, b in getattr(seg, name) or []:
+                    if not seg.start <= a < b <= seg.end:
+                        raise RecordError(
+                            f"trajectory {self.uid}: segments[{k}].{name} span [{a},{b}) not a non-empty span "
+                            f"inside the segment [{seg.start},{seg.end})"
+                        )
             prev_end = seg.end
         for k, call in enumerate(self.tool_calls):
             if not 0 <= call.segment_index < len(self.segments):

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
 
 from tepo_ray.agent import AnswerAction, Malformed, ToolAction, format_observation, parse_turn
+from tepo_ray.agent.spans import turn_spans
 from tepo_ray.data.tasks import render_prompt
 from tepo_ray.records import Segment, ToolCall, Trajectory
 
@@ -186,6 +187,8 @@ class AgentLoop:
             text = self.tok.decode(new, skip_special_tokens=False)
             action = parse_turn(text)
             seg = Segment(start, len(st.ids), None)
+            # ΔH's reasoning tokens, from the sampled ids (decode offsets, not re-tokenised text)
+            seg.reasoning_spans, seg.nontag_spans = turn_spans(self.tok, new, offset=start)
             if new:
                 st.segments.append(seg)
             if isinstance(action, AnswerAction):

@@ -27,7 +27,7 @@ from .registry import (
     register_policy_loss,
     register_reward_fn,
 )
-from .rewards import RewardInputs, dense_rewards, sparse_rewards
+from .rewards import MalformedCallPolicy, RewardInputs, apply_malformed_policy, dense_rewards, sparse_rewards
 from .scoring import TaskType, exact_match, f1_score, math_equal, outcome_scores
 
 __all__ = [
@@ -49,6 +49,8 @@ __all__ = [
     "compute_advantages",
     # registries and their names
     "RewardInputs",
+    "MalformedCallPolicy",
+    "apply_malformed_policy",
     "RewardFnName",
     "AdvEstimatorName",
     "PolicyLossName",

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .registry import AdvEstimatorName, RewardFnName, get_adv_estimator, get_reward_fn, register_adv_estimator
-from .rewards import RewardInputs
+from .rewards import MalformedCallPolicy, RewardInputs, apply_malformed_policy
 
 __all__ = ["grpo_advantages", "token_advantages", "compute_advantages"]
 
@@ -72,7 +72,12 @@ def grpo_advantages(
         sq = torch.zeros_like(count).index_add_(0, inv, centered * centered)  # [G]
         std = (sq / (count - 1).clamp_min(1)).sqrt()  # [G] unbiased
         adv = centered / (std[inv] + eps)
-    valid = mask & (count[inv] > 1)
+    # Equal rewards -> exactly 0: the float mean of equal values can differ from them by an ulp, which
+    # divided by a ~0 std would give advantages of ~1e-7 instead of 0.
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=r.device)
+    gmax = torch.full_like(count, -float("inf")).scatter_reduce(0, inv, torch.where(mask, r, -inf), "amax")  # [G]
+    gmin = torch.full_like(count, float("inf")).scatter_reduce(0, inv, torch.where(mask, r, inf), "amin")  # [G]
+    valid = mask & (count[inv] > 1) & (gmax[inv] > gmin[inv])
     return torch.where(valid, adv, torch.zeros_like(adv)).to(out_dtype)
 
 
@@ -154,6 +159,8 @@ def compute_advantages(
     decreased: Tensor | None = None,
     call_mask: Tensor | None = None,
     call_spans: Tensor | None = None,
+    malformed: Tensor | None = None,
+    malformed_calls: str | MalformedCallPolicy = MalformedCallPolicy.EXCLUDE,
     alpha: float = 0.0,
     no_tool_value: str | float = "score",
     eps: float = 1e-6,
@@ -173,13 +180,18 @@ def compute_advantages(
         scores: ``[B]`` F1; group_index: ``[B]`` long; loss_mask: ``[B, T]``.
         num_calls: ``[B]`` n (default: ``call_mask.sum(-1)``; must agree with it).
         decreased / call_mask: ``[B, K]`` bool; call_spans: ``[B, K, 2]`` (dense).
+        malformed: ``[B, K]`` bool, True for malformed calls (``ToolCall.malformed``), handled by
+            ``malformed_calls`` (``exclude`` | ``penalize``, see ``apply_malformed_policy``); ``num_calls``
+            and ``call_mask`` include them on input. An excluded call's tokens get the outcome advantage.
     Returns:
         ``(token_adv [B, T], rewards [B], metrics)``. ``rewards`` is the trajectory
         reward ``r_i`` (for dense: the outcome reward F1, its per-call rewards are
         summarised in metrics). Metric keys: ``reward_mean``, ``reward_std``,
-        ``adv_mean``, ``adv_abs_mean`` (over trainable tokens), ``m_over_n`` (overall
-        fraction of entropy-decreasing calls, 0 without calls), ``num_calls_mean``,
-        and for dense ``tool_reward_mean`` / ``tool_adv_abs_mean``.
+        ``adv_mean``, ``adv_abs_mean`` (over trainable tokens), ``decreasing_fraction`` (pooled
+        share of counted calls with I = 1, 0 without calls; the per-trajectory m/n that is logged
+        as ``tepo/m_over_n`` is ``tepo_ray.metrics.call_stats``),
+        ``num_calls_mean`` (counted calls), ``malformed_calls`` (how many in the batch), and for
+        dense ``tool_reward_mean`` / ``tool_adv_abs_mean``.
     """
     mode_key = mode.value if isinstance(mode, RewardFnName) else str(mode)
     reward_fn = get_reward_fn(mode_key)
@@ -198,6 +210,15 @@ def compute_advantages(
             raise ValueError(
                 f"num_calls {num_calls.tolist()} disagrees with call_mask.sum(-1) {call_mask.sum(-1).tolist()}"
             )
+    penalized = None
+    n_malformed = 0
+    if malformed is not None:
+        if call_mask is None or decreased is None:
+            raise ValueError("malformed given without call_mask and decreased: expected all three as [B, K]")
+        n_malformed = int((malformed.bool() & call_mask).sum())
+        call_mask, decreased, penalized = apply_malformed_policy(
+            malformed_calls, call_mask=call_mask, decreased=decreased, malformed=malformed)
+        num_calls = call_mask.sum(-1)
     inputs = RewardInputs(
         scores=scores.float(),
         num_calls=num_calls,
@@ -205,6 +226,7 @@ def compute_advantages(
         call_mask=call_mask,
         alpha=alpha,
         no_tool_value=no_tool_value,
+        penalized=penalized,
     )
     rewards = reward_fn(inputs)
     metrics: dict[str, float] = {}
@@ -240,7 +262,8 @@ def compute_advantages(
     metrics["adv_abs_mean"] = _summary(token_adv.abs(), trainable)[0]
     if call_mask is not None and decreased is not None:
         n_total = int(call_mask.sum())
-        metrics["m_over_n"] = float((decreased.bool() & call_mask).sum()) / n_total if n_total else 0.0
+        metrics["decreasing_fraction"] = float((decreased.bool() & call_mask).sum()) / n_total if n_total else 0.0
+    metrics["malformed_calls"] = float(n_malformed)
     if num_calls is not None:
         metrics["num_calls_mean"] = float(num_calls.double().mean()) if B else 0.0
     return token_adv, traj_rewards, metrics

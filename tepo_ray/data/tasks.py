@@ -90,12 +90,16 @@ def load_jsonl_items(path: str | Path) -> list[dict[str, Any]]:
 
 
 def make_items(*, task: str, n: int, seed: int, path: str | None = None,
-               multihop_source: Callable[[int, int], list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
-    """Items for one split. `multihop_source(n, seed)` supplies corpus questions."""
+               multihop_source: Callable[[int, int], list[dict[str, Any]]] | None = None,
+               format: str = "tasks", fields: Any = None) -> list[dict[str, Any]]:
+    """Items for one split. `multihop_source(n, seed)` supplies corpus questions; with task=jsonl the
+    file at `path` is read whole by the loader registered as `format` (tepo_ray.data.loaders)."""
     if task == "jsonl":
         if not path:
             raise TaskError("data.task=jsonl needs data.train_path / data.eval_path")
-        return load_jsonl_items(path)[:n]
+        from tepo_ray.data.loaders import load_dataset
+
+        return load_dataset(format, path, fields=dict(fields) if fields is not None else None).items[:n]
     if task == "arithmetic":
         return arithmetic_items(n=n, seed=seed)
     if task in ("multihop", "mixed"):

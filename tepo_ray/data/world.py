@@ -75,9 +75,10 @@ def _split_items(cfg: Any, world: Any) -> tuple[list[dict[str, Any]], list[dict[
         return generate_single_hop_questions(world, n=n1, seed=seed) + generate_multihop_questions(
             world, n=n - n1, seed=seed)
 
-    train = make_items(task=d.task, n=d.num_train, seed=d.seed, path=d.train_path, multihop_source=multihop)
+    fmt = dict(format=d.format, fields=d.jsonl_fields)
+    train = make_items(task=d.task, n=d.num_train, seed=d.seed, path=d.train_path, multihop_source=multihop, **fmt)
     eval_ = make_items(task=d.task, n=d.num_eval, seed=d.seed + 10_000, path=d.eval_path or d.train_path,
-                       multihop_source=multihop) if d.num_eval else []
+                       multihop_source=multihop, **fmt) if d.num_eval else []
     seen = {it["question"] for it in train}
     eval_ = [it for it in eval_ if it["question"] not in seen or d.task == "jsonl"]
     return train, eval_

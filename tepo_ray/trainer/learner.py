@@ -52,6 +52,7 @@ from tepo_ray.distributed import process_group
 from tepo_ray.distributed.checkpoint import DCP_DIR, is_sharded_checkpoint, load_dcp
 from tepo_ray.distributed.device import select_device
 from tepo_ray.distributed.params import full_state_dict
+from tepo_ray.metrics import call_stats
 from tepo_ray.records import RecordError, Trajectory
 from tepo_ray.trainer.batching import (
     PolicyLogprobs,
@@ -136,11 +137,13 @@ class AdvantageInputs:
         self.decreased = torch.zeros(b, k, dtype=torch.bool)  # [B, K]
         self.call_mask = torch.zeros(b, k, dtype=torch.bool)  # [B, K]
         self.call_spans = torch.zeros(b, k, 2, dtype=torch.long)  # [B, K, 2]
+        self.malformed = torch.zeros(b, k, dtype=torch.bool)  # [B, K]: ToolCall.malformed (algo.malformed_calls)
         for i, t in enumerate(trajectories):
             for j, call in enumerate(t.tool_calls):
                 seg = t.segments[call.segment_index]
                 self.call_mask[i, j] = True
                 self.decreased[i, j] = bool(call.entropy_decreased)
+                self.malformed[i, j] = call.malformed
                 self.call_spans[i, j, 0], self.call_spans[i, j, 1] = seg.start, seg.end
         self.loss_mask = pad_values([t.loss_mask for t in trajectories], length=length)  # [B, T]
 
@@ -335,6 +338,8 @@ class Learner:
             decreased=inputs.decreased,
             call_mask=inputs.call_mask,
             call_spans=inputs.call_spans,
+            malformed=inputs.malformed,
+            malformed_calls=str(getattr(self.algo_cfg, "malformed_calls", "exclude")),
             loss_mask=inputs.loss_mask,
             alpha=float(self.algo_cfg.alpha),
             no_tool_value=nt if nt == "score" else float(nt),
@@ -532,7 +537,7 @@ class Learner:
         inputs_mask = pad_values([t.loss_mask for t in trajs], length=token_adv.shape[1])  # [B, T]
         adv_mean, adv_std = _masked_mean_std(token_adv.float(), inputs_mask)
         with_calls = [t for t in trajs if t.num_calls > 0]
-        deltas = [c.delta_entropy for t in trajs for c in t.tool_calls if c.delta_entropy is not None]
+        cs = call_stats(trajs, malformed_calls=str(getattr(self.algo_cfg, "malformed_calls", "exclude")))
         ent = [
             e for t in trajs if t.entropies is not None for e, m in zip(t.entropies, t.loss_mask) if m
         ]
@@ -543,10 +548,9 @@ class Learner:
             LearnerMetric.REWARD_STD: float(r.std(unbiased=False)) if r.numel() > 1 else 0.0,
             LearnerMetric.SCORE_MEAN: float(scores.mean()),
             LearnerMetric.TOOL_CALLS: float(np.mean([t.num_calls for t in trajs])),
-            LearnerMetric.M_OVER_N: float(np.mean([t.num_decreasing / t.num_calls for t in with_calls]))
-            if with_calls else 0.0,
+            LearnerMetric.M_OVER_N: cs["m_over_n"] if cs["m_over_n"] is not None else 0.0,
             LearnerMetric.FRAC_WITH_CALLS: len(with_calls) / len(trajs),
-            LearnerMetric.DELTA_H_MEAN: float(np.mean(deltas)) if deltas else 0.0,
+            LearnerMetric.DELTA_H_MEAN: cs["delta_h_mean"] if cs["delta_h_mean"] is not None else 0.0,
             LearnerMetric.BEHAVIOUR_ENTROPY: float(np.mean(ent)) if ent else 0.0,
             LearnerMetric.ADV_MEAN: adv_mean,
             LearnerMetric.ADV_STD: adv_std,

@@ -22,8 +22,11 @@ after its observation (`segments[call.segment_index + 1]`)::
     ΔH_k = mean H(r_{i,k+1}) - mean H(r_{i,k})       (first algo.entropy_window tokens of each)
     I_{i,k} = 1[ΔH_k < 0]
 
-ΔH_k is undefined (None, I = False) when r_{i,k+1} does not exist or either
-segment is empty.
+ΔH_k is undefined (None, I = False) when r_{i,k+1} does not exist, either
+selection is empty, or call k is malformed. "mean H(r)" is over the segment's
+reasoning tokens, chosen by `algo.entropy_span` (`entropy_positions`: the
+`<think>` content by default; tags, tool arguments, observations and the answer
+block excluded; see docs/algorithm.md for the fallback).
 
 Sampling distribution: log-probs and entropies use `logits / temperature`
 with the generators' `engine.temperature` (1 when sampling is greedy), so they
@@ -51,8 +54,8 @@ from typing import Any, Sequence
 import torch
 
 from tepo_ray import algo
-from tepo_ray.records import RecordError, Trajectory
 from tepo_ray.distributed.device import select_device
+from tepo_ray.records import RecordError, Segment, Trajectory
 from tepo_ray.trainer.batching import (
     check_first_token_untrained,
     make_token_batch,
@@ -62,13 +65,41 @@ from tepo_ray.trainer.batching import (
 from tepo_ray.trainer.checkpoint import load_policy, load_weights_into, weight_file_path
 from tepo_ray.weights import WeightUpdate, load_named_tensors, receive
 
-__all__ = ["EntropyScorer", "fill_delta_entropy"]
+__all__ = ["EntropyScorer", "fill_delta_entropy", "entropy_positions", "ENTROPY_SPANS"]
 
 
-def fill_delta_entropy(traj: Trajectory, *, window: int | None) -> list[float | None]:
+ENTROPY_SPANS = ("think", "turn")
+
+
+def entropy_positions(segment: Segment, *, span: str) -> tuple[list[int], str]:
+    """Token positions of `segment` that enter its mean entropy, and which rule chose them.
+
+    * ``span="think"``: the `<think>` content (`segment.reasoning_spans`); a segment with no
+      `<think>` content falls back to its non-tag tokens (`nontag_spans`: free text, tool
+      argument, answer) -> rule ``"nontag"``; a segment recorded without spans (older or
+      hand-built records) uses every token -> rule ``"turn"``.
+    * ``span="turn"``: every generated token of the turn, tags included.
+    """
+    if span not in ENTROPY_SPANS:
+        raise ValueError(f"algo.entropy_span={span!r}; expected one of {ENTROPY_SPANS}")
+    whole = list(range(segment.start, segment.end))
+    if span == "turn" or segment.reasoning_spans is None:
+        return whole, "turn"
+    think = [t for a, b in segment.reasoning_spans for t in range(a, b)]
+    if think:
+        return think, "think"
+    if segment.nontag_spans is None:
+        return whole, "turn"
+    return [t for a, b in segment.nontag_spans for t in range(a, b)], "nontag"
+
+
+def fill_delta_entropy(traj: Trajectory, *, window: int | None, span: str = "think") -> list[float | None]:
     """Write ΔH_k / I_{i,k} into every tool call of `traj` from its `entropies`; return segment means.
 
-    Segment means are NaN -> None in the returned list (JSON-safe).
+    Each segment's mean is over `entropy_positions(segment, span=span)`, limited to its first
+    `window` positions. A malformed call (`ToolCall.malformed`) gets ΔH None and I False: it
+    never counts as entropy-decreasing. The rule used per segment is written to
+    `traj.meta["entropy_span_rule"]`. Segment means are NaN -> None in the returned list (JSON-safe).
     """
     if traj.entropies is None:
         raise RecordError(f"trajectory {traj.uid}: entropies is None; score the trajectory first")
@@ -76,14 +107,22 @@ def fill_delta_entropy(traj: Trajectory, *, window: int | None) -> list[float | 
         for call in traj.tool_calls:
             call.delta_entropy, call.entropy_decreased = None, False
         return []
-    ent = torch.tensor(traj.entropies, dtype=torch.float32)  # [T]
-    spans = torch.tensor([[s.start, s.end] for s in traj.segments], dtype=torch.long)  # [K, 2]
-    means = algo.segment_entropy(ent, spans, window=window)  # [K]
+    chosen = [entropy_positions(s, span=span) for s in traj.segments]
+    traj.meta["entropy_span_rule"] = [rule for _, rule in chosen]
+    # Compact the chosen positions so each segment is one contiguous span of `picked`.
+    flat = [t for pos, _ in chosen for t in pos]
+    picked = torch.tensor(traj.entropies, dtype=torch.float32)[torch.tensor(flat, dtype=torch.long)]  # [P]
+    bounds, offset = [], 0
+    for pos, _ in chosen:
+        bounds.append([offset, offset + len(pos)])
+        offset += len(pos)
+    spans = torch.tensor(bounds, dtype=torch.long).view(-1, 2)  # [K, 2]
+    means = algo.segment_entropy(picked, spans, window=window)  # [K]
     deltas = algo.delta_entropy(means)  # [K-1]: deltas[j] = means[j+1] - means[j]
     decreased = algo.entropy_decreased(deltas)  # [K-1] bool, NaN -> False
     for call in traj.tool_calls:
         j = call.segment_index
-        if j + 1 < len(traj.segments) and not math.isnan(float(deltas[j])):
+        if not call.malformed and j + 1 < len(traj.segments) and not math.isnan(float(deltas[j])):
             call.delta_entropy = float(deltas[j])
             call.entropy_decreased = bool(decreased[j])
         else:
@@ -124,6 +163,7 @@ class EntropyScorer:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         self.model_path = str(model_path)
         self.window: int | None = algo_cfg.entropy_window
+        self.span: str = str(getattr(algo_cfg, "entropy_span", "think"))
         self.chunk_size: int = int(algo_cfg.entropy_chunk_size)
         self.device = select_device(device)  # "auto": this Ray worker's GPU, else CPU
         self.weights_dir = Path(weights_dir) if weights_dir is not None else None
@@ -280,6 +320,6 @@ class EntropyScorer:
             t.meta["scored_versions"] = gen_versions
             if len(gen_versions) > 1:
                 t.meta["spans_versions"] = gen_versions
-            t.meta["segment_entropy"] = fill_delta_entropy(t, window=self.window)
+            t.meta["segment_entropy"] = fill_delta_entropy(t, window=self.window, span=self.span)
             t.validate()
         return trajs

@@ -208,7 +208,7 @@ def test_compute_advantages_worked_group(mode):
         torch.testing.assert_close(tok, torch.tensor(expected), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(rewards, F1)
         assert metrics["tool_reward_mean"] == pytest.approx(1.0)
-    assert metrics["m_over_n"] == pytest.approx(2 / 6)
+    assert metrics["decreasing_fraction"] == pytest.approx(2 / 6)
     assert metrics["num_calls_mean"] == pytest.approx(1.5)
 
 

@@ -139,3 +139,110 @@ def test_entropies_are_finite_and_bounded(tiny_model: str) -> None:
     gen = [e for e, m in zip(traj.entropies, traj.loss_mask) if m]
     assert all(0.0 < e <= math.log(128) + 1e-5 for e in gen)
     assert all(lp < 0 for lp, m in zip(traj.behaviour_logprobs, traj.loss_mask) if m)
+
+
+# --------------------------------------------------------------------------- which tokens enter ΔH
+def _hand_built(tok, turns: list[list[tuple[str, str]]], observations: list[str]):
+    """A trajectory laid out piece by piece; returns it and, per turn, the positions of each piece kind.
+
+    `turns[k]` is a list of (kind, text) pieces of generated turn k; observation k follows turn k.
+    Pieces are encoded one by one, so which positions hold <think> content is known by construction.
+    """
+    from tepo_ray.agent.spans import turn_spans
+    from tepo_ray.records import Segment, ToolCall, Trajectory
+
+    ids = tok.encode("Question: hi\n", add_special_tokens=False)
+    mask = [0] * len(ids)
+    segments, calls, kinds = [], [], []
+    for k, turn in enumerate(turns):
+        start = len(ids)
+        where: dict[str, list[int]] = {}
+        for kind, text in turn:
+            piece = tok.encode(text, add_special_tokens=False)
+            where.setdefault(kind, []).extend(range(len(ids), len(ids) + len(piece)))
+            ids += piece
+        mask += [1] * (len(ids) - start)
+        seg = Segment(start, len(ids), k if k < len(observations) else None)
+        seg.reasoning_spans, seg.nontag_spans = turn_spans(tok, ids[start:], offset=start)
+        segments.append(seg)
+        kinds.append(where)
+        if k < len(observations):
+            tool = "invalid" if any(kind == "bad" for kind, _ in turn) else "python"
+            calls.append(ToolCall(tool=tool, argument="" if tool == "invalid" else "x", segment_index=k,
+                                  error="malformed" if tool == "invalid" else None))
+            obs = tok.encode(f"<result>{observations[k]}</result>", add_special_tokens=False)
+            ids += obs
+            mask += [0] * len(obs)
+    traj = Trajectory(uid="hand", group_id="g", prompt_id="p", token_ids=ids, loss_mask=mask,
+                      versions=[0 if m else -1 for m in mask], prompt_len=mask.index(1), segments=segments,
+                      tool_calls=calls)
+    return traj.validate(), kinds
+
+
+@pytest.mark.parametrize("tags_as_tokens", [True, False], ids=["tags-one-token", "tags-split"])
+def test_hand_built_trajectory_segments_use_only_think_content(tags_as_tokens: bool) -> None:
+    from span_tokenizers import bpe_tokenizer
+
+    from tepo_ray.trainer.scorer import entropy_positions, fill_delta_entropy
+
+    tok = bpe_tokenizer(tags_as_tokens=tags_as_tokens)
+    turns = [
+        [("tag", "<think>"), ("think", "about 1.2e5 too hard"), ("tag", "</think>"), ("tag", "<python>"),
+         ("code", "print(123*456)"), ("tag", "</python>")],
+        [("tag", "<think>"), ("think", "the tool says 56088"), ("tag", "</think>"), ("tag", "<answer>"),
+         ("answer", "56088"), ("tag", "</answer>")],
+    ]
+    traj, kinds = _hand_built(tok, turns, ["56088"])
+    for seg, where in zip(traj.segments, kinds):
+        pos, rule = entropy_positions(seg, span="think")
+        assert rule == "think"
+        if tags_as_tokens:  # every tag is one token: the think positions are exactly the think pieces
+            assert pos == where["think"]
+        else:  # a token may straddle '>' and the first letters; never a tag, code or answer token
+            assert set(pos) <= set(where["think"]) and len(pos) >= len(where["think"]) - 2
+        assert not set(pos) & set(where.get("code", []) + where.get("answer", []))
+        turn_pos, rule = entropy_positions(seg, span="turn")
+        assert turn_pos == list(range(seg.start, seg.end)) and rule == "turn"
+
+    # Entropies written by hand: ΔH is the difference of the think means, whatever the other tokens hold.
+    traj.entropies = [0.0] * len(traj.token_ids)
+    for t in range(len(traj.token_ids)):
+        if traj.loss_mask[t]:
+            traj.entropies[t] = 100.0  # tags, code, answer: would dominate if they were counted
+    pos0, _ = entropy_positions(traj.segments[0], span="think")
+    pos1, _ = entropy_positions(traj.segments[1], span="think")
+    for t in pos0:
+        traj.entropies[t] = 2.0
+    for t in pos1:
+        traj.entropies[t] = 0.5
+    fill_delta_entropy(traj, window=None, span="think")
+    assert traj.tool_calls[0].delta_entropy == pytest.approx(0.5 - 2.0)
+    assert traj.tool_calls[0].entropy_decreased is True
+    fill_delta_entropy(traj, window=2, span="think")  # the window counts think tokens only
+    assert traj.tool_calls[0].delta_entropy == pytest.approx(0.5 - 2.0)
+    fill_delta_entropy(traj, window=None, span="turn")
+    assert traj.tool_calls[0].delta_entropy != pytest.approx(0.5 - 2.0)
+
+
+def test_segment_without_think_falls_back_to_its_non_tag_tokens_and_malformed_calls_get_no_delta() -> None:
+    from span_tokenizers import bpe_tokenizer
+
+    from tepo_ray.trainer.scorer import entropy_positions, fill_delta_entropy
+
+    tok = bpe_tokenizer(tags_as_tokens=True)
+    turns = [
+        [("tag", "<python>"), ("code", "print(1+2)"), ("tag", "</python>")],  # no <think>: fallback
+        [("tag", "<think>"), ("think", "hmm"), ("tag", "</think>"), ("tag", "<python>"), ("bad", ""),
+         ("tag", "</python>")],  # empty call: malformed
+        [("tag", "<think>"), ("think", "done"), ("tag", "</think>"), ("tag", "<answer>"), ("answer", "3"),
+         ("tag", "</answer>")],
+    ]
+    traj, kinds = _hand_built(tok, turns, ["3", "error: empty <python> call"])
+    pos, rule = entropy_positions(traj.segments[0], span="think")
+    assert rule == "nontag" and pos == kinds[0]["code"]
+    traj.entropies = [1.0 if m else 0.0 for m in traj.loss_mask]
+    fill_delta_entropy(traj, window=None, span="think")
+    assert traj.meta["entropy_span_rule"] == ["nontag", "think", "think"]
+    assert traj.tool_calls[0].delta_entropy == pytest.approx(0.0)
+    assert traj.tool_calls[1].malformed
+    assert traj.tool_calls[1].delta_entropy is None and traj.tool_calls[1].entropy_decreased is False
