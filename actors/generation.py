@@ -51,6 +51,7 @@ class GenerationWorker:
         if self.tokenizer.eos_token_id is not None:
             stops.append(self.tokenizer.eos_token_id)
         self._pending: tuple[str, int] | None = None
+        self._rewind = False
         self._created = time.time()
         self.weight_loads = 0
         sampling = dict(temperature=engine_cfg.temperature, top_p=engine_cfg.top_p, stop_token_ids=stops)
@@ -63,16 +64,27 @@ class GenerationWorker:
     def ready(self) -> dict[str, Any]:
         return {"name": self.name, "version": int(self.engine.version)}
 
-    async def set_weights(self, path: str, version: int) -> None:
-        """Record the newest weights; applied before the next engine call."""
-        if self._pending is None or version > self._pending[1]:
+    async def set_weights(self, path: str, version: int, *, rewind: bool = False) -> None:
+        """Record the newest weights; applied before the next engine call (off the event loop).
+
+        `rewind=True` (after the learner restored an older checkpoint) replaces any pending or loaded
+        newer version: those weights belong to a discarded timeline."""
+        if rewind or self._pending is None or version > self._pending[1]:
             self._pending = (path, version)
+            self._rewind = rewind
 
     def _apply_pending(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None and pending[1] > int(self.engine.version):
+        """Load the pending weights. Cleared only after a successful load: a failed load is retried
+        before the next batch instead of being forgotten."""
+        pending = self._pending
+        if pending is None:
+            return
+        if pending[1] > int(self.engine.version) or (self._rewind and pending[1] != int(self.engine.version)):
             self.engine.update_weights(pending[0], version=pending[1])
             self.weight_loads += 1
+        if self._pending is pending:  # a newer set_weights during the load stays pending
+            self._pending = None
+            self._rewind = False
 
     async def generate_group(self, item: dict[str, Any], *, group_id: str, group_size: int) -> list[dict[str, Any]]:
         trajs = await self.loop.rollout_group(item, group_id=group_id, group_size=group_size)
@@ -86,7 +98,9 @@ class GenerationWorker:
     def stats(self) -> dict[str, Any]:
         alive = time.time() - self._created
         return {"busy_s": self.batcher.busy_s, "tokens": self.batcher.tokens, "engine_calls": self.batcher.calls,
-                "alive_s": alive, "version": int(self.engine.version), "weight_loads": self.weight_loads}
+                "alive_s": alive, "version": int(self.engine.version), "weight_loads": self.weight_loads,
+                "weight_load_failures": self.batcher.weight_load_failures,
+                "engine_failures": self.batcher.engine_failures}
 
     def shutdown(self) -> None:
         self.engine.shutdown()
