@@ -204,15 +204,15 @@ class NonFiniteLearnerWorker(LearnerWorker):
     def __init__(self, model_path: str, *, nan_steps: tuple[int, ...] = (2,), **kwargs: Any):
         super().__init__(model_path, **kwargs)
         self.nan_steps = {int(x) for x in nan_steps}
+        real_loss = self.learner.compute_loss
 
-    def train_step(self, trajectories: Any) -> dict[str, float]:
-        from actors.learner import as_trajectories
+        def compute_loss(**kw: Any) -> Any:
+            loss, metrics = real_loss(**kw)
+            if self.learner.step + 1 in self.nan_steps:
+                loss = loss * math.nan  # the loss and every gradient become NaN
+            return loss, metrics
 
-        trajs = as_trajectories(trajectories)
-        if self.learner.step + 1 in self.nan_steps:
-            for t in trajs:
-                t.behaviour_logprobs = [math.nan] * len(t.token_ids)
-        return super().train_step(trajs)
+        self.learner.compute_loss = compute_loss  # type: ignore[method-assign]
 
 
 class DiskFullCheckpointLearnerWorker(LearnerWorker):
