@@ -127,8 +127,12 @@ class FailingWeightLoadGenerationWorker(GenerationWorker):
         self.injected_load_failures_left = int(fail_loads)
         real_update = self.engine.update_weights
 
+        self.load_windows: list[tuple[float, float]] = []  # (start, end) perf_counter of each load attempt
+
         def update_weights(path: str, *, version: int) -> None:
+            t0 = time.perf_counter()
             time.sleep(load_delay_s)
+            self.load_windows.append((t0, time.perf_counter()))
             if self.injected_load_failures_left > 0:
                 self.injected_load_failures_left -= 1
                 raise OSError(f"injected weight-load failure for version {version} ({path})")

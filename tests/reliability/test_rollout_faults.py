@@ -63,26 +63,26 @@ def test_weight_load_runs_off_the_event_loop(tiny_model_dir, tmp_path):
     async def run():
         w = _worker(FailingWeightLoadGenerationWorker, tiny_model_dir, fail_loads=0, load_delay_s=1.5)
         await w.set_weights(_v1_weights(tiny_model_dir, tmp_path / "v1.safetensors"), 1)
-        gaps: list[float] = []
+        ticks: list[float] = []
         done = asyncio.Event()
 
         async def ticker():
-            last = time.perf_counter()
             while not done.is_set():
                 await asyncio.sleep(0.02)
-                now = time.perf_counter()
-                gaps.append(now - last)
-                last = now
+                ticks.append(time.perf_counter())
 
         tick = asyncio.create_task(ticker())
         out = await asyncio.wait_for(w.generate_group(ITEM, group_id="g1", group_size=2), HANG_S)
         done.set()
         await tick
-        return w, out, max(gaps)
+        return w, out, ticks
 
-    w, out, worst_gap = asyncio.run(run())
+    w, out, ticks = asyncio.run(run())
     assert _generated_versions(out) == {1}
-    assert worst_gap < 0.75, f"the event loop stalled {worst_gap:.2f} s during a weight load"
+    (start, end), = w.load_windows
+    during = [t for t in ticks if start < t < end]
+    # a load on the loop itself allows no tick inside its window; off the loop, ~75 (fewer on a busy host)
+    assert len(during) >= 10, f"only {len(during)} event-loop ticks during a {end - start:.2f} s weight load"
     w.shutdown()
 
 
