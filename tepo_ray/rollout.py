@@ -57,8 +57,14 @@ class EngineBatcher:
     """Collects generation requests from concurrent rollouts into one engine call.
 
     The engine is called from a single worker thread at a time, so engines need
-    not be thread-safe. `before_batch` runs between engine calls: where pending
-    weights are applied, so a weight update never races a generation.
+    not be thread-safe. `before_batch` runs between engine calls, in the same worker
+    thread pool (never on the event loop): where pending weights are applied, so a
+    weight update never races a generation and never blocks admission or tool calls.
+
+    Failure contract: every queued request gets a result or an exception. A failed
+    `before_batch` is counted (`weight_load_failures`) and the batch runs on the weights
+    really loaded (their version is recorded). A failed engine call is retried request
+    by request, so one bad request fails only its own rollout (`engine_failures`).
     """
 
     def __init__(self, engine: Any, *, sampling: dict[str, Any], before_batch: Callable[[], None] | None = None,
