@@ -19,6 +19,8 @@ Each is the real actor class with one injected behaviour, named as such:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import errno
 import math
 import os
 import random
@@ -108,3 +110,127 @@ class DelayInjectingLearnerWorker(LearnerWorker):
         metrics["learner/step_time_s"] = time.perf_counter() - t0
         metrics["faults/injected_train_delay_s"] = delay
         return metrics
+
+
+# --------------------------------------------------------------------------- reliability injectors
+def _fire_once(marker: str | None) -> bool:
+    """True the first time (creates the marker); False afterwards and when no marker is given."""
+    if not marker or Path(marker).exists():
+        return False
+    Path(marker).write_text(str(os.getpid()))
+    return True
+
+
+class FailingWeightLoadGenerationWorker(GenerationWorker):
+    def __init__(self, *, fail_loads: int = 1, load_delay_s: float = 0.0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.injected_load_failures_left = int(fail_loads)
+        real_update = self.engine.update_weights
+
+        self.load_windows: list[tuple[float, float]] = []  # (start, end) perf_counter of each load attempt
+
+        def update_weights(path: str, *, version: int) -> None:
+            t0 = time.perf_counter()
+            time.sleep(load_delay_s)
+            self.load_windows.append((t0, time.perf_counter()))
+            if self.injected_load_failures_left > 0:
+                self.injected_load_failures_left -= 1
+                raise OSError(f"injected weight-load failure for version {version} ({path})")
+            real_update(path, version=version)
+
+        self.engine.update_weights = update_weights  # type: ignore[method-assign]
+
+
+class EngineFaultGenerationWorker(GenerationWorker):
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        real_generate = self.engine.generate
+
+        def generate(requests: Any, **sampling: Any) -> Any:
+            if any("poison" in (r.request_id or "") for r in requests):
+                raise RuntimeError("injected engine exception (a poisoned request is in this batch)")
+            outs = real_generate(requests, **sampling)
+            return [dataclasses.replace(out, token_ids=[], finish_reason="length", stop_token=None, logprobs=None)
+                    if "empty" in (r.request_id or "") else out for r, out in zip(requests, outs)]
+
+        self.engine.generate = generate  # type: ignore[method-assign]
+
+
+class KillingGenerationWorker(GenerationWorker):
+    def __init__(self, *, kill_marker: str, kill_on: str = "batch", **kwargs: Any):
+        super().__init__(**kwargs)
+        if kill_on not in ("batch", "weight_load"):
+            raise ValueError(f"kill_on={kill_on!r}; expected 'batch' or 'weight_load'")
+        name = "generate" if kill_on == "batch" else "update_weights"
+        real = getattr(self.engine, name)
+
+        def killing(*args: Any, **kw: Any) -> Any:
+            if _fire_once(kill_marker):
+                os._exit(1)
+            return real(*args, **kw)
+
+        setattr(self.engine, name, killing)
+
+
+class SlowStatsGenerationWorker(GenerationWorker):
+    def __init__(self, *, stats_delay_s: float = 30.0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.stats_delay_s = stats_delay_s
+
+    async def stats(self) -> dict[str, Any]:  # type: ignore[override]
+        await asyncio.sleep(self.stats_delay_s)
+        return super().stats()
+
+
+class KillingLearnerWorker(LearnerWorker):
+    def __init__(self, model_path: str, *, kill_marker: str, kill_at_step: int = 2, when: str = "between",
+                 **kwargs: Any):
+        super().__init__(model_path, **kwargs)
+        if when not in ("between", "mid"):
+            raise ValueError(f"when={when!r}; expected 'between' or 'mid'")
+        self.kill_marker, self.kill_at_step, self.when = kill_marker, int(kill_at_step), when
+        real_apply = self.learner.apply_update
+
+        def apply_update(**kw: Any) -> Any:
+            if self.when == "mid" and self.learner.step + 1 == self.kill_at_step and _fire_once(self.kill_marker):
+                os._exit(1)  # gradients computed, optimizer not stepped, nothing published
+            return real_apply(**kw)
+
+        self.learner.apply_update = apply_update  # type: ignore[method-assign]
+
+    def train_step(self, trajectories: Any) -> dict[str, float]:
+        if self.when == "between" and self.learner.step + 1 == self.kill_at_step and _fire_once(self.kill_marker):
+            os._exit(1)
+        return super().train_step(trajectories)
+
+
+class NonFiniteLearnerWorker(LearnerWorker):
+    def __init__(self, model_path: str, *, nan_steps: tuple[int, ...] = (2,), **kwargs: Any):
+        super().__init__(model_path, **kwargs)
+        self.nan_steps = {int(x) for x in nan_steps}
+        real_loss = self.learner.compute_loss
+
+        def compute_loss(**kw: Any) -> Any:
+            loss, metrics = real_loss(**kw)
+            if self.learner.step + 1 in self.nan_steps:
+                loss = loss * math.nan  # the loss and every gradient become NaN
+            return loss, metrics
+
+        self.learner.compute_loss = compute_loss  # type: ignore[method-assign]
+
+
+class DiskFullCheckpointLearnerWorker(LearnerWorker):
+    def __init__(self, model_path: str, *, full_at: int = 2, **kwargs: Any):
+        super().__init__(model_path, **kwargs)
+        self.full_at = int(full_at)
+        self.checkpoint_writes = 0
+
+    def save_checkpoint(self, extra: dict[str, Any] | None = None) -> str:
+        self.checkpoint_writes += 1
+        if self.checkpoint_writes != self.full_at:
+            return super().save_checkpoint(extra)
+
+        def disk_full(*_args: Any, **_kw: Any) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+        return self.learner.save_checkpoint(extra, on_file_written=disk_full)

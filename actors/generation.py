@@ -45,17 +45,18 @@ class PoolToolRouter:
 
 
 class _LockedEngine:
-    """The engine as the batcher sees it: `generate` releases the lock `before_batch` took."""
+    """The engine as the batcher sees it: each `generate` holds the engine lock (a collective weight receive
+    waits for it) and records the weight version that sampled it (`version_of_last_call`)."""
 
     def __init__(self, engine: Any, lock: threading.Lock):
         self._engine = engine
         self._lock = lock
+        self.version_of_last_call: int | None = None
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        try:
+        with self._lock:
+            self.version_of_last_call = int(self._engine.version)
             return self._engine.generate(*args, **kwargs)
-        finally:
-            self._lock.release()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
@@ -78,6 +79,7 @@ class GenerationWorker:
         if self.tokenizer.eos_token_id is not None:
             stops.append(self.tokenizer.eos_token_id)
         self._pending: tuple[Any, int] | None = None
+        self._rewind = False
         self._created = time.time()
         self.weight_loads = 0
         self._engine_lock = threading.Lock()  # held from before_batch until the batch's generate returns
@@ -107,29 +109,41 @@ class GenerationWorker:
         with self._engine_lock:
             return self.engine.sequence_logprobs(sequences)
 
-    async def set_weights(self, source: Any, version: int) -> None:
-        """New weights: a `WeightUpdate` dict (or a file path). Collective: received now; file: before the next turn.
+    async def set_weights(self, source: Any, version: int, *, rewind: bool = False) -> None:
+        """New weights: a `WeightUpdate` dict (or a file path).
 
-        Runs on the actor's event loop, so it never interleaves with a batch being
-        started; blocking here while receiving is intended (generation pauses)."""
+        Collective: received now, in a worker thread (the learner's broadcast is under way; the event loop
+        keeps serving tool results meanwhile); the receive waits for the engine call in progress and is
+        loaded at once, whatever its version (a rewind is just an older update). File: recorded and loaded
+        before the next engine call (off the event loop). `rewind=True` (after the learner restored an
+        older checkpoint) replaces any pending or loaded newer version: those weights belong to a
+        discarded timeline."""
         if isinstance(source, dict) and source.get("kind") == "collective":
-            with self._engine_lock:  # waits for the engine call in progress
-                self.engine.update_weights(source, version=version)
-            self.weight_loads += 1
+            await asyncio.to_thread(self._receive_now, source, version)
             return
-        if self._pending is None or version > self._pending[1]:
+        if rewind or self._pending is None or version > self._pending[1]:
             self._pending = (source, version)
+            self._rewind = rewind
+
+    def _receive_now(self, update: dict[str, Any], version: int) -> None:
+        with self._engine_lock:  # waits for the engine call in progress
+            self.engine.update_weights(update, version=version)
+        self.weight_loads += 1
 
     def _apply_pending(self) -> None:
-        self._engine_lock.acquire()  # released by _LockedEngine.generate when this batch is done
-        pending, self._pending = self._pending, None
-        if pending is not None and pending[1] > int(self.engine.version):
-            try:
+        """Load the pending file weights (in the batcher's worker thread, before an engine call). Cleared
+        only after a successful load: a failed load is retried before the next batch instead of being
+        forgotten."""
+        pending = self._pending
+        if pending is None:
+            return
+        with self._engine_lock:
+            if pending[1] > int(self.engine.version) or (self._rewind and pending[1] != int(self.engine.version)):
                 self.engine.update_weights(pending[0], version=pending[1])
-            except BaseException:
-                self._engine_lock.release()
-                raise
-            self.weight_loads += 1
+                self.weight_loads += 1
+        if self._pending is pending:  # a newer set_weights during the load stays pending
+            self._pending = None
+            self._rewind = False
 
     async def generate_group(self, item: dict[str, Any], *, group_id: str, group_size: int) -> list[dict[str, Any]]:
         trajs = await self.loop.rollout_group(item, group_id=group_id, group_size=group_size)
@@ -143,7 +157,9 @@ class GenerationWorker:
     def stats(self) -> dict[str, Any]:
         alive = time.time() - self._created
         return {"busy_s": self.batcher.busy_s, "tokens": self.batcher.tokens, "engine_calls": self.batcher.calls,
-                "alive_s": alive, "version": int(self.engine.version), "weight_loads": self.weight_loads}
+                "alive_s": alive, "version": int(self.engine.version), "weight_loads": self.weight_loads,
+                "weight_load_failures": self.batcher.weight_load_failures,
+                "engine_failures": self.batcher.engine_failures}
 
     def shutdown(self) -> None:
         self.engine.shutdown()

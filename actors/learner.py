@@ -4,8 +4,8 @@
 ray.remote(LearnerWorker)` is what the driver creates, with its placement and
 `max_restarts=-1` in `.options(...)`. No math lives here.
 
-Restartable: with `resume=True` (the default) the constructor restores the
-newest complete checkpoint in the checkpoint directory, so an actor restarted
+Restartable: with `resume=True` (the default), and always when Ray restarts
+the actor after a crash, the constructor restores the newest complete checkpoint in the checkpoint directory, so an actor restarted
 by Ray comes back at the last checkpointed step and version, and `restored()`
 returns the driver's `extra` dict saved with it (data cursor, buffer state).
 Steps after that checkpoint are lost; their weight files are deleted and
@@ -49,6 +49,14 @@ def as_trajectories(items: Sequence[Trajectory | dict[str, Any]]) -> list[Trajec
     return [Trajectory.from_dict(t) if isinstance(t, dict) else t for t in items]
 
 
+def _was_reconstructed() -> bool:
+    """True inside a Ray actor that Ray restarted after it died (False outside Ray)."""
+    try:
+        return bool(ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # not inside an actor
+        return False
+
+
 class LearnerWorker:
     def __init__(
         self,
@@ -84,7 +92,9 @@ class LearnerWorker:
                                              master_port=int(master_port), device=learner_kwargs["device"])
             learner_kwargs["sharded"] = True
         ckpt_dir = Path(trainer_cfg.checkpoint_dir) if trainer_cfg.checkpoint_dir else Path(run_dir) / "checkpoints"
-        resuming = resume and load_latest(ckpt_dir) is not None
+        # A learner restarted by Ray always restores (never silently restarts at version 0).
+        self.reconstructed = _was_reconstructed()
+        resuming = (resume or self.reconstructed) and load_latest(ckpt_dir) is not None
         if weights_cfg is None:
             from types import SimpleNamespace
 
@@ -107,6 +117,7 @@ class LearnerWorker:
         info["world_size"] = self.learner.world_size
         info["restored"] = self._restored is not None
         info["restore_note"] = self.learner.last_restore_note
+        info["reconstructed"] = self.reconstructed
         return info
 
     def restored(self) -> dict[str, Any] | None:

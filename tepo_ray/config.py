@@ -302,6 +302,11 @@ class ToolsConfig:
             _check(t.max_workers >= max(t.min_workers, 1), f"tools.{name}.max_workers", t.max_workers,
                    f">= tools.{name}.min_workers ({t.min_workers}) and >= 1")
             _check(t.call_timeout_s > 0, f"tools.{name}.call_timeout_s", t.call_timeout_s, "> 0")
+            _check(t.workers <= t.max_workers, f"tools.{name}.workers", t.workers,
+                   f"<= tools.{name}.max_workers ({t.max_workers}); raise max_workers or lower workers")
+        _check(self.max_observation_chars > 0, "tools.max_observation_chars", self.max_observation_chars, "> 0")
+        _check(self.max_inflight_per_worker >= 1, "tools.max_inflight_per_worker", self.max_inflight_per_worker,
+               ">= 1")
 
 
 @dataclass
@@ -454,6 +459,12 @@ class TepoConfig:
             self.engine.max_new_tokens <= self.engine.max_context,
             "engine.max_new_tokens",
             self.engine.max_new_tokens,
+            f"<= engine.max_context ({self.engine.max_context})",
+        )
+        _check(
+            self.engine.max_turn_tokens <= self.engine.max_context,
+            "engine.max_turn_tokens",
+            self.engine.max_turn_tokens,
             f"<= engine.max_context ({self.engine.max_context})",
         )
 

@@ -84,6 +84,18 @@ def resolve_run_dir(cfg: DictConfig, resume: str | None) -> Path:
 
 MAX_GROUP_ATTEMPTS = 3  # a prompt whose group fails this often is skipped (counted), not retried forever
 
+# Bounds on how long one call may hold up the schedule loop (admission, scoring, training).
+STATS_TIMEOUT_S = 5.0  # a stats/metrics call; past it the value is missing from that record (counted)
+LEARNER_RESTART_TIMEOUT_S = 600.0  # a dead learner must be back (checkpoint restored) within this
+CHECKPOINT_WAIT_S = 600.0  # at the end of the run, for the last checkpoint write
+MAX_CONSECUTIVE_SKIPPED_STEPS = 3  # non-finite loss/gradient this many steps in a row stops the run
+
+
+def weight_versions_to_keep(max_staleness: int) -> int:
+    """Weight files the learner keeps: every admissible behaviour version (learner version v minus
+    0..s) plus the one being published while a group is scored, so `s + 2`."""
+    return int(max_staleness) + 2
+
 # Keep actor logs readable: engines and loaders are chatty at INFO.
 QUIET_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
              "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "1"}
@@ -92,6 +104,16 @@ QUIET_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error", "
 def _transport_name(cfg: DictConfig) -> str:
     t = cfg.weights.transport if "weights" in cfg else "file"
     return str(getattr(t, "value", t))
+
+
+def _nonfinite_step(metrics: dict[str, Any]) -> bool:
+    """True when the learner skipped the step because its loss or gradient norm was NaN/inf."""
+    import math
+
+    if not float(metrics.get("learner/update_skipped", 0.0) or 0.0):
+        return False
+    vals = [metrics.get("learner/grad_norm"), metrics.get("learner/loss")]
+    return any(isinstance(v, (int, float)) and not math.isfinite(float(v)) for v in vals)
 
 
 def _truncate_metrics(path: Path, *, keep_through_step: int) -> None:
@@ -122,7 +144,15 @@ class _Group:
 
     @property
     def behaviour_version(self) -> int:
-        return min(t.behaviour_version for t in self.trajectories)
+        """Oldest policy version that generated a token of this group. A trajectory that generated
+        nothing has no version and must not make the group stale; a group with no generated token at
+        all is judged by the version it was admitted at."""
+        gen = [t.behaviour_version for t in self.trajectories if t.behaviour_version >= 0]
+        return min(gen) if gen else self.admitted_at
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.trajectories)
 
 
 class Driver:
@@ -193,7 +223,7 @@ class Driver:
         cfg = self.cfg
         temperature = float(cfg.engine.temperature)  # log-probs / entropies of the sampling distribution
         self.learner = self._start_learner(opts, temperature)
-        scorer_kwargs = {"temperature": temperature, "cache_size": cfg.async_.max_staleness + 2,
+        scorer_kwargs = {"temperature": temperature, "cache_size": weight_versions_to_keep(cfg.async_.max_staleness),
                          "device": "auto", "dtype": cfg.model.dtype, **self.scorer_kwargs}
         scorer_cls = ray.remote(self.scorer_cls) if self.scorer_cls else EntropyScorerActor
         self.scorers = [
@@ -336,7 +366,7 @@ class Driver:
         actor_cls = ray.remote(self.learner_cls) if self.learner_cls else LearnerActor
         kwargs = dict(algo_cfg=cfg.algo, trainer_cfg=cfg.trainer, run_dir=str(self.run_dir), seed=cfg.trainer.seed,
                       resume=self.resume, weights_cfg=cfg.weights, temperature=temperature,
-                      keep_weight_versions=cfg.async_.max_staleness + 2,
+                      keep_weight_versions=weight_versions_to_keep(cfg.async_.max_staleness),
                       **{"device": "auto", "dtype": cfg.model.dtype, **self.learner_kwargs})
         bundles = self.plan.for_role("learner")
         if len(bundles) == 1:
@@ -353,7 +383,7 @@ class Driver:
         self.step = int(extra["step"])
         self.cursor = int(extra["cursor"])
         self.requeue = collections.deque(extra.get("requeue", []))
-        self.counters.update(extra.get("counters", {}))
+        self.counters = collections.Counter(extra.get("counters", {}))
         _truncate_metrics(self.run_dir / "metrics.jsonl", keep_through_step=self.step)
 
     # ---------------------------------------------------------------- the loop
@@ -371,6 +401,8 @@ class Driver:
         score_inflight: dict[Any, tuple[_Group, int]] = {}
         buffer: list[_Group] = []
         train_ref = None
+        ckpt_ref = None  # the checkpoint write in progress on the learner
+        consecutive_skips = 0
         train_batch: list[_Group] = []
         rr_gen = rr_score = 0
         t_start = time.perf_counter()
@@ -423,7 +455,8 @@ class Driver:
                 score_inflight[sref] = (group, si)
 
             # ---- wait for anything to finish
-            waitables = list(gen_inflight) + list(score_inflight) + ([train_ref] if train_ref is not None else [])
+            waitables = list(gen_inflight) + list(score_inflight) + ([train_ref] if train_ref is not None else []) \
+                + ([ckpt_ref] if ckpt_ref is not None else [])
             done, _ = ray.wait(waitables, num_returns=1, timeout=1.0) if waitables else ([], [])
             if not waitables:
                 time.sleep(0.2)  # only restarting actors: wait for them
@@ -437,6 +470,7 @@ class Driver:
                             self.requeue.appendleft(group.item_index)
                         continue
                     group.trajectories = trajs
+                    self.counters[K.SAMPLES_GENERATED] += group.num_samples
                     to_score.append(group)
                 elif ref in score_inflight:
                     group, si = score_inflight.pop(ref)
@@ -445,27 +479,56 @@ class Driver:
                         if died:  # keep the generated trajectories; score them on a live scorer
                             self.counters[K.RETRIED_GROUPS] += 1
                             to_score.append(group)
+                        else:  # the prompt was re-queued (or skipped): these samples are discarded
+                            self.counters[K.SAMPLES_FAILED] += group.num_samples
                         continue
                     group.trajectories = scored
                     buffer.append(group)
                 elif ref is train_ref:
-                    metrics, update, version = ray.get(train_ref)
                     train_ref = None
                     self._training = False
+                    try:
+                        metrics, update, version = ray.get(ref)
+                    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                        # The learner died (mid-step or queued behind a checkpoint). It comes back with its
+                        # last checkpoint; everything generated since belongs to a discarded timeline.
+                        extra = self._recover_learner(exc)
+                        lost = to_score + buffer + train_batch + [g for g, _ in gen_inflight.values()] \
+                            + [g for g, _ in score_inflight.values()]
+                        for r in list(gen_inflight) + list(score_inflight):
+                            ray.cancel(r, force=False)
+                        for pending_work in (gen_inflight, score_inflight, to_score, buffer):
+                            pending_work.clear()
+                        train_batch, ckpt_ref = [], None
+                        print(f"[tepo-ray] learner restored step {extra['step']} (was at step {self.step}); "
+                              f"{len(lost)} groups in flight are regenerated")
+                        self._apply_restored(extra)
+                        logger.rewind(keep_through_step=self.step)
+                        break
+                    except ray.exceptions.RayTaskError as exc:
+                        raise RuntimeError(f"learner train step {self.step + 1} raised: "
+                                           f"{str(exc).strip().splitlines()[-1][:500]}") from None
                     self.version = version
-                    if self.collective:
-                        self.weight_update = update
-                        self._publish(update)
-                    else:
+                    if not self.collective:
                         self.weight_paths[version] = update["path"]
                         for old in [v for v in self.weight_paths if v < version - s - 1 and v != 0]:
                             self.weight_paths.pop(old)
-                        for g in self.generators:
-                            g.set_weights.remote(update["path"], version)
                     self.step += 1
+                    self.counters[K.SAMPLES_TRAINED] += sum(g.num_samples for g in train_batch)
+                    skipped = _nonfinite_step(metrics)
+                    consecutive_skips = consecutive_skips + 1 if skipped else 0
+                    if not skipped:  # a skipped (non-finite) step's weights equal the previous ones
+                        if self.collective:
+                            self.weight_update = update
+                            self._publish(update)
+                        else:
+                            for g in self._weight_generators():
+                                g.set_weights.remote(update["path"], version)
                     now = time.perf_counter()
+                    in_flight = sum(g.num_samples for g in to_score + buffer) \
+                        + sum(g.num_samples for g, _ in score_inflight.values())
                     record = self._step_metrics(metrics, train_batch, step_time=now - t_last,
-                                                inflight=len(gen_inflight))
+                                                inflight=len(gen_inflight), samples_in_flight=in_flight)
                     t_last = now
                     train_batch = []
                     if self.evaluator is not None and self.step % cfg.trainer.eval_interval == 0:
@@ -474,13 +537,25 @@ class Driver:
                         t_last = time.perf_counter()  # eval time is not the next step's time
                     logger.log(record)
                     display.update(self.step, record)
+                    if consecutive_skips >= MAX_CONSECUTIVE_SKIPPED_STEPS:
+                        raise RuntimeError(
+                            f"{consecutive_skips} consecutive steps (last: {self.step}) had a non-finite loss or "
+                            f"gradient and were skipped; stopping. Lower algo.lr, check algo.max_grad_norm, or "
+                            f"resume from the last checkpoint in {self.run_dir / 'checkpoints'}")
                     if cfg.trainer.checkpoint_interval and (
                         self.step % cfg.trainer.checkpoint_interval == 0 or self.step == cfg.trainer.steps
                     ):
                         pending = [g.item_index for g in buffer + to_score] \
                             + [g.item_index for g, _ in gen_inflight.values()] \
                             + [g.item_index for g, _ in score_inflight.values()]
-                        ray.get(self.learner.save_checkpoint.remote(self._checkpoint_extra(pending)))
+                        # Off the loop: the learner is a serial actor, so the next train step queues behind
+                        # the save; the driver goes on admitting and scoring.
+                        self._finish_checkpoint(ckpt_ref)
+                        ckpt_ref = self.learner.save_checkpoint.remote(
+                            self._checkpoint_extra(pending, samples_in_flight=in_flight))
+                elif ref is ckpt_ref:
+                    self._finish_checkpoint(ckpt_ref)
+                    ckpt_ref = None
 
             # ---- train when the learner is idle and a batch is ready
             if train_ref is None and len(buffer) >= B:
@@ -491,6 +566,7 @@ class Driver:
                     staleness = self.version - g.behaviour_version
                     if staleness > s:
                         self.counters[K.DROPPED_STALE] += 1
+                        self.counters[K.SAMPLES_DROPPED_STALE] += g.num_samples
                         continue
                     batch.append(g)
                 if len(batch) < B:
@@ -501,6 +577,7 @@ class Driver:
                 train_ref = self.learner.train_step_and_publish.remote(
                     [t.to_dict() for g in batch for t in g.trajectories])
 
+        self._finish_checkpoint(ckpt_ref)
         display.close()
         wall = time.perf_counter() - t_start
         logger.close()
@@ -594,12 +671,100 @@ class Driver:
         v = max(self.weight_paths)
         actor.set_weights.remote(self.weight_paths[v], v)
 
-    def _checkpoint_extra(self, pending: list[int]) -> dict[str, Any]:
+    def _checkpoint_extra(self, pending: list[int], *, samples_in_flight: int = 0) -> dict[str, Any]:
+        """What the driver needs to continue from this checkpoint. Groups in flight are re-queued on
+        restore and generated again, so their samples leave the `generated` count saved here."""
+        counters = dict(self.counters)
+        counters[K.SAMPLES_GENERATED] = counters.get(K.SAMPLES_GENERATED, 0) - samples_in_flight
         return {"step": self.step, "version": self.version, "cursor": self.cursor,
-                "requeue": list(self.requeue) + sorted(pending), "counters": dict(self.counters)}
+                "requeue": list(self.requeue) + sorted(pending), "counters": counters}
+
+    def _finish_checkpoint(self, ref: Any, *, timeout_s: float = CHECKPOINT_WAIT_S) -> None:
+        """Collect a checkpoint write. A failed write (disk full, ...) is counted and logged; the
+        previous complete checkpoint stays the one a restart or `--resume` loads."""
+        import ray
+
+        if ref is None:
+            return
+        try:
+            path = ray.get(ref, timeout=timeout_s)
+            print(f"[tepo-ray] checkpoint {path}")
+        except ray.exceptions.GetTimeoutError:
+            self.counters[K.CHECKPOINT_FAILURES] += 1
+            print(f"[tepo-ray] checkpoint write did not finish within {timeout_s:.0f}s")
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            pass  # the learner died: the train step that follows sees it and restores
+        except ray.exceptions.RayTaskError as exc:
+            self.counters[K.CHECKPOINT_FAILURES] += 1
+            print(f"[tepo-ray] checkpoint at step {self.step} failed, previous checkpoint kept: "
+                  f"{str(exc).strip().splitlines()[-1][:300]}")
+
+    def _recover_learner(self, exc: Exception) -> dict[str, Any]:
+        """Wait for Ray to restart the learner; its constructor restores the newest complete
+        checkpoint (`actors.learner`). Returns that checkpoint's driver state, or stops the run with
+        a message when there is nothing to go back to."""
+        import ray
+
+        self.counters[K.LEARNER_RESTARTS] += 1
+        if len(self.plan.for_role("learner")) > 1:
+            raise RuntimeError(
+                f"a rank of the sharded learner group died at step {self.step} ({type(exc).__name__}); an FSDP2 "
+                f"group is not restarted rank by rank. Resume the run from its last complete checkpoint: "
+                f"`tepo-ray train CONFIG --resume {self.run_dir}` (trainer.checkpoint_interval="
+                f"{self.cfg.trainer.checkpoint_interval})") from None
+        print(f"[tepo-ray] learner died at step {self.step} ({type(exc).__name__}); waiting for its restart")
+        deadline = time.monotonic() + LEARNER_RESTART_TIMEOUT_S
+        while True:
+            try:
+                ray.get(self.learner.ready.remote(), timeout=max(deadline - time.monotonic(), 1.0))
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the learner did not come back within {LEARNER_RESTART_TIMEOUT_S:.0f}s "
+                                       f"after dying at step {self.step}; see the Ray logs") from None
+                time.sleep(0.5)
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(f"the learner did not come back within {LEARNER_RESTART_TIMEOUT_S:.0f}s "
+                                   f"after dying at step {self.step}; see the Ray logs") from None
+        extra = ray.get(self.learner.restored.remote(), timeout=60)
+        if extra is None:
+            if self.step == 0:  # nothing was trained: the fresh learner is the same state
+                return {"step": 0, "version": 0, "cursor": 0, "requeue": [], "counters": {}}
+            raise RuntimeError(
+                f"the learner actor died at step {self.step} and there is no complete checkpoint to restore "
+                f"(trainer.checkpoint_interval={self.cfg.trainer.checkpoint_interval}); stopping instead of "
+                f"silently restarting from version 0. Set trainer.checkpoint_interval > 0 to survive learner "
+                f"restarts.")
+        return extra
+
+    def _apply_restored(self, extra: dict[str, Any]) -> None:
+        """Rewind the schedule to a restored checkpoint; generators and scorers drop newer weights."""
+        import ray
+
+        restarts = self.counters[K.LEARNER_RESTARTS]
+        self.step = int(extra["step"])
+        self.cursor = int(extra["cursor"])
+        self.requeue = collections.deque(extra.get("requeue", []))
+        self.counters = collections.Counter(extra.get("counters", {}))
+        self.counters[K.LEARNER_RESTARTS] = restarts
+        if self.collective:  # the restarted learner is a new process: form the group again, re-send its weights
+            self._form_weight_group()
+            update = ray.get(self.learner.weight_update.remote(), timeout=60)
+            self.version = int(update["version"])
+            self.weight_update = update
+            ray.get(self._publish(update), timeout=float(self.cfg.weights.timeout_s))
+            return
+        path, version = ray.get(self.learner.latest_weights.remote(), timeout=60)
+        self.version = version
+        self.weight_paths = {v: p for v, p in self.weight_paths.items() if v < version}
+        self.weight_paths[version] = path
+        for g in self._weight_generators():
+            g.set_weights.remote(path, version, rewind=True)
+        for sc in self.scorers:  # a scorer may hold a discarded timeline's weights under this number
+            sc.load_weights.remote(path, version)
 
     def _step_metrics(self, learner_metrics: dict[str, Any], batch: list[_Group], *, step_time: float,
-                      inflight: int) -> dict[str, Any]:
+                      inflight: int, samples_in_flight: int = 0) -> dict[str, Any]:
         import ray
 
         trajs = [t for g in batch for t in g.trajectories]
@@ -615,6 +780,10 @@ class Driver:
         rec[K.RESTARTS] = self.counters[K.RESTARTS]
         rec[K.RETRIED_GROUPS] = self.counters[K.RETRIED_GROUPS]
         rec[K.FAILED_GROUPS] = self.counters[K.FAILED_GROUPS]
+        for key in (K.SAMPLES_GENERATED, K.SAMPLES_TRAINED, K.SAMPLES_DROPPED_STALE, K.SAMPLES_FAILED,
+                    K.LEARNER_RESTARTS, K.CHECKPOINT_FAILURES):
+            rec[key] = self.counters[key]
+        rec[K.SAMPLES_IN_FLIGHT] = samples_in_flight
         rec[K.TIME_STEP] = step_time
         cs = call_stats(trajs, malformed_calls=self.cfg.algo.malformed_calls)
         rec[K.CALLS] = cs["calls_per_traj"]
@@ -628,7 +797,7 @@ class Driver:
             rec[K.DELTA_H_TOOL_VALUES.format(tool=tool)] = [round(x, 5) for x in cs["delta_h_values_by_tool"][tool]]
         rec[K.M_OVER_N] = cs["m_over_n"]
         rec[K.DECREASE_FRAC] = cs["decrease_fraction"]
-        rewards = ray.get(self.learner.last_rewards.remote())  # (uid, score, reward): computed on the learner
+        rewards = self._bounded_get(self.learner.last_rewards.remote(), default=[])  # computed on the learner
         if rewards:
             scores = [sc for _, sc, _ in rewards]
             rec[K.SCORE] = sum(scores) / len(scores)
@@ -639,8 +808,10 @@ class Driver:
         rec[K.RESPONSE_LEN] = sum(t.num_generated for t in trajs) / len(trajs)
         # per-actor time and throughput
         wall = max(step_time, 1e-9)
-        gen_stats = ray.get([g.stats.remote() for g in self.generators])
+        gen_stats = [self._bounded_get(g.stats.remote(), default=None) for g in self.generators]
         prev = getattr(self, "_prev_gen_stats", None) or [{"busy_s": 0.0, "tokens": 0} for _ in gen_stats]
+        rec[K.WEIGHT_LOAD_FAILURES] = sum(int(st.get("weight_load_failures", 0)) for st in gen_stats if st)
+        gen_stats = [cur if cur is not None else old for cur, old in zip(gen_stats, prev)]
         tokens = 0
         for i, (cur, old) in enumerate(zip(gen_stats, prev)):
             busy = max(cur["busy_s"] - old["busy_s"], 0.0) if cur["busy_s"] >= old["busy_s"] else cur["busy_s"]
@@ -657,8 +828,9 @@ class Driver:
         prev_sc = getattr(self, "_prev_scorer_busy", {})
         for i, sc in enumerate(self.scorers):
             try:
-                total = float(ray.get(sc.stats.remote(), timeout=5).get("total_score_time_s", 0.0))
+                total = float(ray.get(sc.stats.remote(), timeout=STATS_TIMEOUT_S).get("total_score_time_s", 0.0))
             except Exception:  # a restarting scorer: its time shows next step
+                self.counters[K.STATS_TIMEOUTS] += 1
                 continue
             busy = total - prev_sc.get(i, 0.0) if total >= prev_sc.get(i, 0.0) else total
             prev_sc[i] = total
@@ -667,9 +839,10 @@ class Driver:
         self._prev_scorer_busy = prev_sc
         for kind, pool in self.pools.items():
             try:
-                rec.update(ray.get(pool.metrics.remote(), timeout=5))
+                rec.update(ray.get(pool.metrics.remote(), timeout=STATS_TIMEOUT_S))
             except Exception:
-                pass
+                self.counters[K.STATS_TIMEOUTS] += 1
+        rec[K.STATS_TIMEOUTS] = self.counters[K.STATS_TIMEOUTS]
         return rec
 
     def _evaluate(self, path: str | None, version: int) -> dict[str, Any]:
@@ -693,6 +866,16 @@ class Driver:
             print(f"[tepo-ray] eval at step {self.step} failed: {type(exc).__name__}: {str(exc)[:300]}")
             return {K.EVAL_FAILED: 1}
         return eval_record(results, step=self.step)
+
+    def _bounded_get(self, ref: Any, *, default: Any) -> Any:
+        """`ray.get` that gives up after STATS_TIMEOUT_S (counted): metrics never stall the schedule."""
+        import ray
+
+        try:
+            return ray.get(ref, timeout=STATS_TIMEOUT_S)
+        except Exception:
+            self.counters[K.STATS_TIMEOUTS] += 1
+            return default
 
     def shutdown(self) -> None:
         import ray

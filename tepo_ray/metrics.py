@@ -64,6 +64,18 @@ class K:
     TIME_EVAL = "time/eval_s"
     EVAL_FAILED = "eval/failed"  # 1 at a step whose periodic eval raised (training went on)
 
+    # Sample accounting (trajectories), checked by tests/reliability: at every record
+    # generated = trained + dropped_stale + failed + in_flight.
+    SAMPLES_GENERATED = "samples/generated_total"
+    SAMPLES_TRAINED = "samples/trained_total"
+    SAMPLES_DROPPED_STALE = "samples/dropped_stale_total"
+    SAMPLES_FAILED = "samples/failed_total"  # generated, then discarded: scoring failed, learner rewound
+    SAMPLES_IN_FLIGHT = "samples/in_flight"  # generated, not yet trained/dropped (scoring, buffer)
+    LEARNER_RESTARTS = "faults/learner_restarts_total"
+    CHECKPOINT_FAILURES = "faults/checkpoint_failures_total"
+    WEIGHT_LOAD_FAILURES = "faults/weight_load_failures"  # summed over generators (since their start)
+    STATS_TIMEOUTS = "faults/stats_timeouts_total"
+
 
 # Per-data-set evaluation metrics (`tepo_ray.evaluate.summarize_trajectories`).
 EVAL_METRICS = ("n", "em", "f1", "accuracy", "answered", "calls_per_question", "correct_per_call",
@@ -150,11 +162,28 @@ class MetricsLogger:
                     payload[k] = v
             self.wandb_run.log(payload, step=int(rec.get(K.STEP, 0)))
 
+    def rewind(self, *, keep_through_step: int) -> None:
+        """Drop JSONL records after `keep_through_step` (the learner went back to a checkpoint)."""
+        self._fh.close()
+        kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if _step_of(ln) is not None and _step_of(ln) <= keep_through_step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(self.path)
+        self._fh = open(self.path, "a", encoding="utf-8")
+
     def close(self) -> None:
         self._fh.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line).get(K.STEP, 0))
+    except (ValueError, json.JSONDecodeError, AttributeError):
+        return None  # a torn line from a killed run
 
 
 def _has_settings() -> bool:

@@ -38,7 +38,13 @@ from tepo_ray.agent.spans import turn_spans
 from tepo_ray.data.tasks import render_prompt
 from tepo_ray.records import Segment, ToolCall, Trajectory
 
-__all__ = ["ToolRouter", "EngineBatcher", "AgentLoop", "ToolOutcome"]
+__all__ = ["ToolRouter", "EngineBatcher", "AgentLoop", "ToolOutcome", "RolloutError"]
+
+
+class RolloutError(RuntimeError):
+    """A group in which some trajectory hit an engine error. Raised instead of returning the group:
+    an error trajectory has no meaningful score, so it must be retried or counted as failed, never
+    trained (with F1 = 0 it would get a negative advantage)."""
 
 
 @dataclass
@@ -54,12 +60,24 @@ class ToolRouter(Protocol):
     async def call(self, tool: str, argument: str) -> ToolOutcome: ...
 
 
+def _sampled_version(engine: Any, default: int) -> int:
+    """The weight version that sampled the last engine call, when the engine records it under its lock."""
+    v = getattr(engine, "version_of_last_call", None)
+    return default if v is None else int(v)
+
+
 class EngineBatcher:
     """Collects generation requests from concurrent rollouts into one engine call.
 
     The engine is called from a single worker thread at a time, so engines need
-    not be thread-safe. `before_batch` runs between engine calls: where pending
-    weights are applied, so a weight update never races a generation.
+    not be thread-safe. `before_batch` runs between engine calls, in the same worker
+    thread pool (never on the event loop): where pending weights are applied, so a
+    weight update never races a generation and never blocks admission or tool calls.
+
+    Failure contract: every queued request gets a result or an exception. A failed
+    `before_batch` is counted (`weight_load_failures`) and the batch runs on the weights
+    really loaded (their version is recorded). A failed engine call is retried request
+    by request, so one bad request fails only its own rollout (`engine_failures`).
     """
 
     def __init__(self, engine: Any, *, sampling: dict[str, Any], before_batch: Callable[[], None] | None = None,
@@ -76,6 +94,9 @@ class EngineBatcher:
         self.busy_s = 0.0
         self.tokens = 0
         self.calls = 0
+        self.engine_failures = 0
+        self.weight_load_failures = 0
+        self.last_weight_load_error: str | None = None
 
     async def generate(self, request: Any) -> tuple[Any, int]:
         """Returns (GenerationOutput, version of the weights that sampled it)."""
@@ -90,6 +111,8 @@ class EngineBatcher:
         return await fut
 
     async def _run(self) -> None:
+        """Serve batches forever: no exception (weight load, engine, bookkeeping) ends this task, and
+        every request taken from the queue gets a result or an exception, so no rollout waits forever."""
         assert self._wake is not None
         while True:
             await self._wake.wait()
@@ -98,23 +121,57 @@ class EngineBatcher:
             batch, self._queue = self._queue, []
             if not batch:
                 continue
-            if self.before_batch is not None:
-                self.before_batch()
-            version = int(getattr(self.engine, "version", 0))
-            t0 = time.perf_counter()
             try:
-                outs = await asyncio.to_thread(self.engine.generate, [r for r, _ in batch], **self.sampling)
-            except Exception as exc:  # engine failure: every waiting rollout sees it
+                await self._serve(batch)
+            except BaseException as exc:  # never leave a future unresolved (cancellation included)
                 for _, fut in batch:
                     if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            self.busy_s += time.perf_counter() - t0
-            self.calls += 1
-            for (_, fut), out in zip(batch, outs):
+                        fut.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+                if not isinstance(exc, Exception):
+                    raise
+
+    async def _serve(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
+        if self.before_batch is not None:
+            # Off the event loop (a weight load takes seconds); engine calls are serial, so no race.
+            # A failed load is counted and the batch runs on the current weights: the version recorded
+            # below is the engine's real one, and the owner keeps the update pending for the next batch.
+            try:
+                await asyncio.to_thread(self.before_batch)
+            except Exception as exc:
+                self.weight_load_failures += 1
+                self.last_weight_load_error = f"{type(exc).__name__}: {exc}"
+        version = int(getattr(self.engine, "version", 0))
+        t0 = time.perf_counter()
+        try:
+            outs = await asyncio.to_thread(self.engine.generate, [r for r, _ in batch], **self.sampling)
+        except Exception as exc:
+            self.engine_failures += 1
+            if len(batch) == 1:
+                if not batch[0][1].done():
+                    batch[0][1].set_exception(exc)
+                return
+            # One bad request must not fail the others (across groups): retry each request alone.
+            for req, fut in batch:
+                try:
+                    (out,) = await asyncio.to_thread(self.engine.generate, [req], **self.sampling)
+                except Exception as one_exc:
+                    if not fut.done():
+                        fut.set_exception(one_exc)
+                    continue
+                version = _sampled_version(self.engine, version)
                 self.tokens += len(out.token_ids)
                 if not fut.done():
                     fut.set_result((out, version))
+            return
+        self.busy_s += time.perf_counter() - t0
+        self.calls += 1
+        # an engine wrapper that records the version under its lock (a weight update may land between
+        # before_batch and the call) knows better than the version read above
+        version = _sampled_version(self.engine, version)
+        for (_, fut), out in zip(batch, outs):
+            self.tokens += len(out.token_ids)
+            if not fut.done():
+                fut.set_result((out, version))
 
 
 @dataclass
@@ -154,6 +211,10 @@ class AgentLoop:
         else:
             prompt_ids = self._encode(render_prompt(item["question"]))
         trajs = await asyncio.gather(*[self._rollout_one(item, prompt_ids, group_id, i) for i in range(group_size)])
+        errors = [t.meta.get("_engine_error", "engine error") for t in trajs if t.finish_reason == "error"]
+        if errors:
+            raise RolloutError(f"group {group_id}: {len(errors)}/{group_size} trajectories hit an engine error "
+                               f"(first: {errors[0]})")
         return list(trajs)
 
     async def _rollout_one(self, item: dict[str, Any], prompt_ids: list[int], group_id: str, index: int) -> Trajectory:

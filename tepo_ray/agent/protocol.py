@@ -67,6 +67,7 @@ ALL_TAGS: tuple[str, ...] = ("think", *ACTION_TAGS, "result")
 SPECIAL_TOKENS: tuple[str, ...] = tuple(t for tag in ALL_TAGS for t in (f"<{tag}>", f"</{tag}>"))
 
 _TAG_RE = re.compile(r"<(/?)([A-Za-z_][A-Za-z0-9_\-]{0,31})>")
+_PROTOCOL_TAG_RE = re.compile(r"<\s*/?\s*(?:" + "|".join(map(re.escape, ALL_TAGS)) + r")\b[^>]{0,64}>", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,11 @@ def stop_strings() -> list[str]:
 
 
 def format_observation(text: str) -> str:
-    """Observation block appended after a tool call (loss mask 0)."""
-    return f"<result>{text}</result>"
+    """Observation block appended after a tool call (loss mask 0).
+
+    Tool output is untrusted (a web page, a snippet's print): a protocol tag inside it is defanged
+    (`<` -> `&lt;`) so an observation can neither close the `<result>` block nor open an action."""
+    return f"<result>{_PROTOCOL_TAG_RE.sub(lambda m: '&lt;' + m.group(0)[1:], text)}</result>"
 
 
 def _blocks(text: str) -> tuple[list[tuple[str, str]], str | None, bool]:

@@ -58,14 +58,28 @@ def arithmetic_items(*, n: int, seed: int, hard_fraction: float = 0.75, prefix: 
     return items
 
 
+MAX_ITEM_LINE_BYTES = 1 << 20  # a task line longer than this is a broken file, not a question
+
+
 def load_jsonl_items(path: str | Path) -> list[dict[str, Any]]:
-    """Load task items; every bad line raises TaskError naming file:line and the field."""
+    """Load task items; every bad line raises TaskError naming file:line and the field.
+
+    Also refused, naming the line: bytes that are not UTF-8, a line over MAX_ITEM_LINE_BYTES, empty
+    answers. A file with no item at all is an error too (a run would otherwise admit nothing)."""
     items = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            where = f"{path}:{lineno}"
+            if len(raw) > MAX_ITEM_LINE_BYTES:
+                raise TaskError(f"{where}: line is {len(raw)} bytes; task lines must be under "
+                                f"{MAX_ITEM_LINE_BYTES} bytes (one JSON object per line)")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise TaskError(f"{where}: not UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
+                                f"re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -77,8 +91,10 @@ def load_jsonl_items(path: str | Path) -> list[dict[str, Any]]:
             answers = obj.get("answers", obj.get("answer"))
             if isinstance(answers, str):
                 answers = [answers]
-            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-                raise TaskError(f"{where}: field 'answers' must be a string or a non-empty list of strings")
+            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip()
+                                                                        for a in answers):
+                raise TaskError(f"{where}: field 'answers' must be a non-empty string or a non-empty list of "
+                                f"non-empty strings")
             task_type = obj.get("task_type", "qa")
             if task_type not in ("qa", "math", "em"):
                 raise TaskError(f"{where}: field 'task_type'={task_type!r}; expected qa, math or em")
@@ -86,6 +102,9 @@ def load_jsonl_items(path: str | Path) -> list[dict[str, Any]]:
                 {"id": str(obj.get("id", f"{Path(path).stem}-{lineno}")), "question": obj["question"],
                  "answers": answers, "task_type": task_type}
             )
+    if not items:
+        raise TaskError(f"{path}: no task items (the file is empty); expected one JSON object per line with "
+                        f"'question' and 'answers'")
     return items
 
 

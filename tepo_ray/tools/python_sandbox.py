@@ -41,8 +41,9 @@ Isolation levels (`PythonSandbox.ready()` reports what a machine got):
 Linux only (pidfd, prctl, namespaces; kernel >= 5.3). Concurrent sandboxes on one machine, in any process,
 share the uid range safely: each fork server holds its uid with a flock under `<tempdir>/tepo_sandbox_uids`.
 
-Resource bounds to know: memory is bounded per process (RLIMIT_AS), so a snippet can use up to
-max_processes x memory_mb in total; the work dir lives on the host's temp filesystem and is bounded per file
+Resource bounds to know: memory is bounded per process (RLIMIT_AS) and, where a writable memory cgroup exists
+(v2, or v1), for all of a snippet's processes together (`total_memory_mb`, a cgroup per call); without one a
+snippet can use up to max_processes x memory_mb in total (`ready()` reports `memory_cap`); the work dir lives on the host's temp filesystem and is bounded per file
 (max_file_mb) and by time, not in total; the private /tmp, /var/tmp, /dev/shm are tmpfs of `tmpfs_mb` each.
 """
 
@@ -530,6 +531,10 @@ class PythonSandbox:
         uid_base, uid_count: uids the children run as when the host is root (one per fork server).
         start_timeout_s: how long a fork server may take to start.
         grace_s: extra host-side time beyond timeout_s before a server is declared hung.
+        total_memory_mb: cap on the memory of all of a snippet's processes together (default: memory_mb),
+            through a per-call cgroup (v2, or v1 where that is what the host mounts). Where no writable
+            memory cgroup exists, only the per-process RLIMIT_AS applies; `ready()` reports which
+            (`memory_cap`: "cgroup2" | "cgroup1" | "rlimit").
     """
 
     def __init__(
@@ -552,6 +557,7 @@ class PythonSandbox:
         uid_count: int = DEFAULT_UID_COUNT,
         start_timeout_s: float = 60.0,
         grace_s: float = 3.0,
+        total_memory_mb: int | None = None,
     ) -> None:
         _require(timeout_s > 0, "timeout_s", timeout_s, "> 0 seconds")
         _require(cpu_time_s >= 1, "cpu_time_s", cpu_time_s, ">= 1 second (integer)")
@@ -591,6 +597,7 @@ class PythonSandbox:
             "keep_bytes": 4 * int(max_output_chars) + 4, "kill_bytes": int(output_kill_bytes),
             "tmpfs_mb": int(tmpfs_mb if tmpfs_mb is not None else 4 * max_file_mb),
             "preload": list(preload),
+            "total_memory_mb": int(total_memory_mb if total_memory_mb is not None else memory_mb),
             "protected_pids": sorted({os.getpid(), os.getpgrp()}),
         }
         self._pool = _Pool(python=sys.executable, config=config, prestarted=int(prestarted),
@@ -669,6 +676,8 @@ class PythonSandbox:
             return SandboxErrorKind.OUTPUT_LIMIT
         code = int(header["exit_code"])
         status = header["status"] or ""
+        if header.get("memory_oom") and code != 0:
+            return SandboxErrorKind.MEMORY  # the cgroup's total-memory cap OOM-killed a process
         if code < 0:
             sig = -code
             if sig == signal.SIGXCPU or (sig == signal.SIGKILL and header["duration_s"] >= self.cpu_time_s):

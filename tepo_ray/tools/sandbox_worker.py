@@ -88,6 +88,96 @@ def _libc_call(name: str, *args) -> None:
         raise OSError(err, f"{name}: {os.strerror(err)}")
 
 
+# ---------------------------------------------------------------------------------------------- cgroups
+_CG_ROOT = "/sys/fs/cgroup"
+
+
+def detect_memory_cgroup(root: str = _CG_ROOT) -> tuple[str, str | None]:
+    """(mode, parent dir) for a total-memory cap over all processes of one snippet.
+
+    "cgroup2": a unified hierarchy whose root delegates the memory controller; "cgroup1": a writable v1
+    memory controller (DESIGN.md section 5: this is what these machines have); "rlimit": neither (not
+    root, read-only cgroupfs), so memory is bounded per process only (RLIMIT_AS).
+    """
+    try:
+        with open(os.path.join(root, "cgroup.subtree_control")) as fh:
+            v2 = "memory" in fh.read().split()
+        if v2 and os.access(root, os.W_OK):
+            return "cgroup2", root
+    except OSError:
+        pass
+    v1 = os.path.join(root, "memory")
+    if os.path.isfile(os.path.join(v1, "memory.limit_in_bytes")) and os.access(v1, os.W_OK):
+        return "cgroup1", v1
+    return "rlimit", None
+
+
+def sweep_stale_cgroups(parent: str) -> int:
+    """Remove empty per-call cgroups left by fork servers that were killed mid-call (pid gone)."""
+    removed = 0
+    for entry in os.scandir(parent):
+        parts = entry.name.split("_")
+        if not (entry.name.startswith("tepo_sandbox_") and len(parts) == 4 and parts[2].isdigit()):
+            continue
+        if os.path.exists(f"/proc/{parts[2]}"):
+            continue
+        try:
+            os.rmdir(entry.path)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+class SnippetCgroup:
+    """One child cgroup per snippet call with a memory limit on all its processes together."""
+
+    def __init__(self, mode: str, parent: str, name: str, limit_bytes: int) -> None:
+        self.mode, self.path = mode, os.path.join(parent, name)
+        os.mkdir(self.path)
+        try:
+            if mode == "cgroup2":
+                self._write("memory.max", str(limit_bytes))
+                self._write("memory.swap.max", "0", optional=True)
+            else:
+                self._write("memory.limit_in_bytes", str(limit_bytes))
+                self._write("memory.memsw.limit_in_bytes", str(limit_bytes), optional=True)
+        except BaseException:
+            self.remove()
+            raise
+
+    def _write(self, name: str, value: str, *, optional: bool = False) -> None:
+        try:
+            with open(os.path.join(self.path, name), "w") as fh:
+                fh.write(value)
+        except OSError:
+            if not optional:
+                raise
+
+    def enter(self) -> None:
+        """Move the calling process (the snippet child, before it runs code) into the cgroup."""
+        self._write("cgroup.procs", str(os.getpid()))
+
+    def oom_killed(self) -> bool:
+        try:
+            # v2: memory.events; v1: memory.oom_control (memory.failcnt stays 0 on some v1 kernels)
+            name = "memory.events" if self.mode == "cgroup2" else "memory.oom_control"
+            with open(os.path.join(self.path, name)) as fh:
+                return any(ln.split()[0] == "oom_kill" and int(ln.split()[1]) > 0 for ln in fh if ln.strip())
+        except (OSError, ValueError, IndexError):
+            return False
+
+    def remove(self) -> None:
+        for _ in range(50):  # processes just killed may take a moment to leave
+            try:
+                os.rmdir(self.path)
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.01)
+
+
 def _unshare(flags: int) -> None:
     _libc_call("unshare", flags)
 
@@ -419,6 +509,12 @@ class _Server:
         self.network = self._setup_network(cfg["network_mode"])
         self.exposed = _interpreter_paths()  # {dir the uid cannot enter: [interpreter paths below it]}
         self.mount_isolation = self.is_root and self._probe_mounts()
+        self.memory_cap, self._cg_parent = ("rlimit", None)
+        if cfg.get("total_memory_mb"):
+            self.memory_cap, self._cg_parent = detect_memory_cgroup()
+            if self._cg_parent is not None:
+                sweep_stale_cgroups(self._cg_parent)
+        self._calls = 0
         if self.is_root:
             self._check_interpreter_readable()
         protected = [] if self.is_root else sorted({int(p) for p in cfg["protected_pids"]} | {self.pid})
@@ -582,7 +678,7 @@ class _Server:
     def info(self) -> dict:
         return {"type": "ready", "pid": self.pid, "uid": self.uid, "network": self.network,
                 "mount_isolation": self.mount_isolation, "drop_privileges": self.is_root,
-                "seccomp": self.seccomp is not None}
+                "seccomp": self.seccomp is not None, "memory_cap": self.memory_cap}
 
     # ---------------------------------------------------------------- one call
     def run(self, code: bytes, timeout_s: float, out_fd: int) -> dict:
@@ -593,11 +689,21 @@ class _Server:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         st_r, st_w = os.pipe()
+        self._calls += 1
+        cgroup = None
+        if self._cg_parent is not None:
+            try:
+                cgroup = SnippetCgroup(self.memory_cap, self._cg_parent, f"tepo_sandbox_{self.pid}_{self._calls}",
+                                       int(cfg["total_memory_mb"]) << 20)
+            except OSError as exc:  # e.g. the hierarchy turned read-only: fall back, and say so
+                print(f"tepo sandbox: cgroup memory cap unavailable ({exc}); per-process limits only",
+                      file=sys.stderr)
+                self.memory_cap, self._cg_parent = "rlimit", None
         t0 = time.monotonic()
         pid = os.fork()
         if pid == 0:  # ----------------------------------------------------------- child, never returns
             try:
-                _child_main(self, code, workdir, out_w, err_w, st_w)
+                _child_main(self, code, workdir, out_w, err_w, st_w, cgroup=cgroup)
             finally:
                 os._exit(_SETUP_FAIL_EXIT)
         for fd in (out_w, err_w, st_w):
@@ -654,12 +760,17 @@ class _Server:
         for fd in (out_r, err_r, st_r):
             os.close(fd)
         shutil.rmtree(workdir, ignore_errors=True)
+        memory_oom = False
+        if cgroup is not None:
+            memory_oom = cgroup.oom_killed()
+            cgroup.remove()
         exit_code = os.waitstatus_to_exitcode(wstatus)
         text = status.decode("utf-8", "replace")
         setup_error = text[len("setup_error:"):] if text.startswith("setup_error:") else None
         o, e = caps[out_r], caps[err_r]
         return {
             "type": "result", "exit_code": exit_code, "timed_out": timed_out, "output_limit": output_limit,
+            "memory_oom": memory_oom,
             "status": None if setup_error else (text.strip() or None), "setup_error": setup_error,
             "duration_s": duration, "stdout_total": o.total, "stderr_total": e.total,
             "parts": [len(o.head), len(o.tail), len(e.head), len(e.tail)],
@@ -680,9 +791,12 @@ class _Server:
 
 
 # ---------------------------------------------------------------------------------------------- the child
-def _child_main(server: _Server, code: bytes, workdir: str, out_w: int, err_w: int, st_w: int) -> None:
+def _child_main(server: _Server, code: bytes, workdir: str, out_w: int, err_w: int, st_w: int,
+                cgroup: SnippetCgroup | None = None) -> None:
     cfg = server.cfg
     try:
+        if cgroup is not None:  # first, so every process the snippet forks is counted against the cap
+            cgroup.enter()
         os.setsid()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)

@@ -202,6 +202,10 @@ class EntropyScorer:
             # host memory: CPU tensors are views of the received buckets (never rewritten); GPU ones are
             # copied out, so the last cache_size versions cost host RAM, not accelerator memory
             state = {name: (t.to("cpu") if t.is_cuda else t) for name, t in named}
+        for newer in [k for k in self._states if k > v]:  # versions only grow within one timeline: a
+            del self._states[newer]  # newer cached one belongs to a timeline a learner restore discarded
+        if self.version > v:
+            self._loaded_path = ""
         self._states[v] = state
         self._states.move_to_end(v)
         while len(self._states) > self.cache_size:
