@@ -41,7 +41,7 @@ BAD = [
     ("wandb-mode", ["logging.wandb_mode=cloud"], "logging.wandb_mode", "offline"),
     ("py-max-workers-0", ["tools.python.max_workers=0"], "tools.python.max_workers", ">="),
     ("py-timeout-0", ["tools.python.call_timeout_s=0"], "tools.python.call_timeout_s", "> 0"),
-    ("search-backend", ["tools.search.backend=faiss"], "tools.search.backend", "bm25"),
+    ("search-backend", ["tools.search.backend=elastic"], "tools.search.backend", "bm25"),
     ("search-top-k-0", ["tools.search.top_k=0"], "tools.search.top_k", "> 0"),
     ("dtype-int8", ["model.dtype=int8"], "model.dtype", "bfloat16"),
     ("vocab-tiny", ["model.vocab_size=8"], "model.vocab_size", ">= 64"),

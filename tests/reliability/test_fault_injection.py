@@ -16,7 +16,7 @@ import pytest
 from tepo_ray.config import load_config
 from tepo_ray.metrics import K, read_metrics
 
-from conftest import CONFIG_FILES
+CONFIG_FILES = [Path(__file__).resolve().parents[2] / "experiments" / "configs" / name for name in ("demo.yaml", "tiny.yaml")]
 
 pytestmark = pytest.mark.ray
 
