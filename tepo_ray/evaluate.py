@@ -28,7 +28,9 @@ def summarize_trajectories(trajs: list[Trajectory]) -> dict[str, Any]:
 
 
 def evaluate(cfg: DictConfig, *, model_path: str | None = None, address: str | None = None,
-             out_dir: str | Path | None = None) -> dict[str, Any]:
+             out_dir: str | Path | None = None, weights: str | None = None) -> dict[str, Any]:
+    """Greedy eval of `model_path` (default: the SFT checkpoint); `weights`: a trained run's
+    `weights/v{N}.safetensors` loaded over it (the RL policy)."""
     import ray
 
     from actors.generation import GenerationWorker
@@ -60,6 +62,8 @@ def evaluate(cfg: DictConfig, *, model_path: str | None = None, address: str | N
         engine_cfg=engine_cfg, model_path=model_path, pools=pools,
         max_observation_chars=cfg.tools.max_observation_chars, name="eval")
     try:
+        if weights:
+            ray.get(gen.set_weights.remote(str(weights), 1))  # applied before the first engine call
         groups = ray.get(gen.generate_groups.remote(items, group_ids=[f"eval-{it['id']}" for it in items],
                                                     group_size=1))
         trajs = [Trajectory.from_dict(d) for g in groups for d in g]
@@ -69,6 +73,7 @@ def evaluate(cfg: DictConfig, *, model_path: str | None = None, address: str | N
             t.score = float(s)
         result = summarize_trajectories(trajs)
         result["model_path"] = str(model_path)
+        result["weights"] = str(weights) if weights else None
         if out_dir is not None:
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)

@@ -113,9 +113,13 @@ def build_demonstrations(items: list[dict[str, Any]], *, cfg: Any, index_dir: Pa
             res = sandbox.run(code)
             return format_observation(res, max_chars=cfg.tools.python.max_output_chars)[: cfg.tools.max_observation_chars]
 
+        title_list = sorted(set(titles.values()))
         for it in items:
             if it.get("hops") and titles:
-                it = {**it, "hop_queries": [titles[h] for h in it["hops"] if h in titles]}
+                hop_titles = [titles[h] for h in it["hops"] if h in titles]
+                others = [t for t in title_list if t not in hop_titles]
+                wrong = random.Random(f"wrong-{it['id']}").choice(others) if others else None
+                it = {**it, "hop_queries": hop_titles, "wrong_query": wrong}
             demos.append(demonstration(it, run_python=run_python, search=search))
     return demos
 
