@@ -28,9 +28,10 @@ def summarize_trajectories(trajs: list[Trajectory]) -> dict[str, Any]:
 
 
 def evaluate(cfg: DictConfig, *, model_path: str | None = None, address: str | None = None,
-             out_dir: str | Path | None = None, weights: str | None = None) -> dict[str, Any]:
-    """Greedy eval of `model_path` (default: the SFT checkpoint); `weights`: a trained run's
-    `weights/v{N}.safetensors` loaded over it (the RL policy)."""
+             out_dir: str | Path | None = None, weights: str | None = None, temperature: float = 0.0,
+             samples: int = 1, seed: int | None = None) -> dict[str, Any]:
+    """Eval of `model_path` (default: the SFT checkpoint), greedy unless `temperature` > 0 (then `samples`
+    per item, engine seed `seed`); `weights`: a trained run's `weights/v{N}.safetensors` loaded over it."""
     import ray
 
     from actors.generation import GenerationWorker
@@ -57,7 +58,8 @@ def evaluate(cfg: DictConfig, *, model_path: str | None = None, address: str | N
                                     cfg.tools[kind].max_workers)
             pools[kind] = ray.remote(ToolPoolService).options(num_cpus=0, max_concurrency=10_000).remote(
                 kind, tools_cfg=_tools_cfg(cfg, kind, data.index_dir), resources=res)
-    engine_cfg = OmegaConf.merge(cfg.engine, {"temperature": 0.0})
+    engine_cfg = OmegaConf.merge(cfg.engine, {"temperature": float(temperature)},
+                                 {"seed": int(seed)} if seed is not None else {})
     gen = ray.remote(GenerationWorker).options(num_cpus=0.5, max_concurrency=10_000).remote(
         engine_cfg=engine_cfg, model_path=model_path, pools=pools,
         max_observation_chars=cfg.tools.max_observation_chars, name="eval")
@@ -65,7 +67,7 @@ def evaluate(cfg: DictConfig, *, model_path: str | None = None, address: str | N
         if weights:
             ray.get(gen.set_weights.remote(str(weights), 1))  # applied before the first engine call
         groups = ray.get(gen.generate_groups.remote(items, group_ids=[f"eval-{it['id']}" for it in items],
-                                                    group_size=1))
+                                                    group_size=samples))
         trajs = [Trajectory.from_dict(d) for g in groups for d in g]
         scores = outcome_scores([t.answer for t in trajs], [t.gold for t in trajs],
                                 task_types=[t.task_type for t in trajs])

@@ -96,8 +96,10 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, n_boot: int = 20
 
 
 def eval_policy(cfg: DictConfig, *, model_path: str, out_dir: str | Path, weights: str | None = None,
-                entropy: bool = True) -> dict[str, Any]:
-    """Greedy held-out eval (tepo_ray.evaluate) plus per-item scores/calls (ordered by item id) and efficiency.
+                entropy: bool = True, temperature: float = 0.0, samples: int = 1, seed: int | None = None
+                ) -> dict[str, Any]:
+    """Held-out eval (tepo_ray.evaluate; greedy by default, else `samples` per item at `temperature`) plus
+    per-item means of correctness / score / calls (ordered by item id) and efficiency.
 
     With `entropy`, the eval trajectories are also scored by the policy that generated
     them (`EntropyScorer`, in this process) for ΔH per call and m/n on held-out items.
@@ -108,7 +110,8 @@ def eval_policy(cfg: DictConfig, *, model_path: str, out_dir: str | Path, weight
     out = Path(out_dir)
     if (out / "eval_trajectories.jsonl").exists():
         (out / "eval_trajectories.jsonl").unlink()  # write_jsonl appends
-    res = evaluate(cfg, model_path=model_path, out_dir=out, weights=weights)
+    res = evaluate(cfg, model_path=model_path, out_dir=out, weights=weights, temperature=temperature,
+                   samples=samples, seed=seed)
     trajs = sorted(read_jsonl(out / "eval_trajectories.jsonl"), key=lambda t: t.prompt_id)
     if entropy and trajs:
         from tepo_ray.trainer.scorer import EntropyScorer
@@ -122,10 +125,18 @@ def eval_policy(cfg: DictConfig, *, model_path: str, out_dir: str | Path, weight
         res["delta_h_mean"] = sum(dh) / len(dh) if dh else None
         res["m_over_n"] = (sum(t.num_decreasing / t.num_calls for t in with_calls) / len(with_calls)
                            if with_calls else None)
-    res["item_ids"] = [t.prompt_id for t in trajs]
-    res["item_scores"] = [float(t.score or 0.0) for t in trajs]
-    res["item_correct"] = [1.0 if (t.score or 0.0) >= 1.0 else 0.0 for t in trajs]
-    res["item_calls"] = [float(t.num_calls) for t in trajs]
+    by_item: dict[str, list[Any]] = {}
+    for t in trajs:
+        by_item.setdefault(t.prompt_id, []).append(t)
+
+    def per_item(fn: Any) -> list[float]:
+        return [sum(fn(t) for t in ts) / len(ts) for ts in by_item.values()]
+
+    res["item_ids"] = list(by_item)
+    res["item_scores"] = per_item(lambda t: float(t.score or 0.0))
+    res["item_correct"] = per_item(lambda t: 1.0 if (t.score or 0.0) >= 1.0 else 0.0)
+    res["item_calls"] = per_item(lambda t: float(t.num_calls))
+    res.update(temperature=temperature, samples=samples, seed=seed)
     res["efficiency"] = tool_efficiency(res["score_mean"], res["calls_per_traj"])
     (out / "eval.json").write_text(json.dumps(res, indent=1))
     return res

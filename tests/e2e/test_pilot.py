@@ -153,6 +153,7 @@ def test_openai_judge_client_against_a_local_endpoint() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_pilot_command_on_the_tiny_model(tmp_path: Path, e2e_cache: Path) -> None:
     from typer.testing import CliRunner
 

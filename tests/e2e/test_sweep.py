@@ -36,6 +36,7 @@ def test_paired_bootstrap_ci_covers_the_difference_and_shrinks_with_n() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 2 trainings + 3 evals; ~10 min on 2 shared, loaded cores
 def test_sweep_two_arms_one_seed(tmp_path: Path, tiny_overrides: list[str]) -> None:
     from e2e_configs import CONFIG_FILES
     from tepo_ray.sweep import run_sweep
