@@ -81,11 +81,12 @@ def arithmetic_items(*, n: int, seed: int, hard_fraction: float = 0.75, prefix: 
     for i in range(n):
         if rng.random() < hard_fraction:
             a, b = rng.randint(100, 999), rng.randint(100, 999)
-            q, ans = f"What is {a} * {b}?", str(a * b)
+            q, ans, needs_tool = f"What is {a} * {b}?", str(a * b), True
         else:
             a, b = rng.randint(1, 4), rng.randint(1, 4)
-            q, ans = f"What is {a} + {b}?", str(a + b)
-        items.append({"id": f"{prefix}-{seed}-{i}", "question": q, "answers": [ans], "task_type": "math"})
+            q, ans, needs_tool = f"What is {a} + {b}?", str(a + b), False
+        items.append({"id": f"{prefix}-{seed}-{i}", "question": q, "answers": [ans], "task_type": "math",
+                      "needs_tool": needs_tool})
     return items
 
 

@@ -79,7 +79,9 @@ def _split_items(cfg: Any, world: Any) -> tuple[list[dict[str, Any]], list[dict[
     eval_ = make_items(task=d.task, n=d.num_eval, seed=d.seed + 10_000, path=d.eval_path or d.train_path,
                        multihop_source=multihop) if d.num_eval else []
     seen = {it["question"] for it in train}
-    eval_ = [it for it in eval_ if it["question"] not in seen or d.task == "jsonl"]
+    # Held-out = unseen questions; items that need no tool (one-digit sums, too few to hold out) stay, so the
+    # held-out split also measures calls made where none is needed.
+    eval_ = [it for it in eval_ if it["question"] not in seen or d.task == "jsonl" or it.get("needs_tool") is False]
     return train, eval_
 
 
