@@ -371,6 +371,8 @@ class SweepConfig:
     max_concurrent: int = 0  # arms trained at once; 0 = as many placement groups as the cluster fits
     eval_sft: bool = True  # evaluate the shared SFT checkpoint too (the reference row)
     arm: Optional[str] = None  # set by the sweep on each run's config: the arm's name (W&B config)
+    eval_temperature: float = 0.0  # held-out eval: 0 = greedy; > 0 samples eval_samples per item
+    eval_samples: int = 1
 
     def __post_init__(self) -> None:
         bad = [a for a in self.arms if a not in ("grpo", "sparse", "dense")]
@@ -379,6 +381,8 @@ class SweepConfig:
         _check("dense" not in self.arms or bool(self.alphas), "sweep.alphas", list(self.alphas),
                "a non-empty list when sweep.arms has dense")
         _check(self.max_concurrent >= 0, "sweep.max_concurrent", self.max_concurrent, ">= 0")
+        _check(self.eval_temperature >= 0, "sweep.eval_temperature", self.eval_temperature, ">= 0")
+        _check(self.eval_samples >= 1, "sweep.eval_samples", self.eval_samples, ">= 1")
 
 
 @dataclass

@@ -232,11 +232,12 @@ def run_sweep(cfg: DictConfig, *, out_dir: str | Path, address: str | None = Non
 
     from tepo_ray.metrics import K
 
-    sft_eval = eval_policy(cfg, model_path=sft_path, out_dir=out / "eval" / "sft") if cfg.sweep.eval_sft else None
+    ekw = dict(temperature=float(cfg.sweep.eval_temperature), samples=int(cfg.sweep.eval_samples), seed=0)
+    sft_eval = eval_policy(cfg, model_path=sft_path, out_dir=out / "eval" / "sft", **ekw) if cfg.sweep.eval_sft else None
     for r in runs:
         run_dir = Path(r["run_dir"])
         r["eval"] = eval_policy(cfg, model_path=sft_path, weights=latest_weights(run_dir),
-                                out_dir=out / "eval" / f"{r['arm']}-s{r['seed']}")
+                                out_dir=out / "eval" / f"{r['arm']}-s{r['seed']}", **ekw)
         r["train_tail"] = _train_tail(run_dir, [K.DELTA_H_MEAN, K.M_OVER_N, K.CALLS, K.SCORE, K.REWARD])
         print(f"[sweep] eval {r['arm']} seed {r['seed']}: accuracy {r['eval']['accuracy']:.3f}, "
               f"calls/q {r['eval']['calls_per_traj']:.2f}", flush=True)
@@ -245,6 +246,8 @@ def run_sweep(cfg: DictConfig, *, out_dir: str | Path, address: str | None = Non
                                        "wandb_group": group, "wandb_mode": cfg.logging.wandb_mode,
                                        "parallel": parallel, "steps": cfg.trainer.steps,
                                        "seeds": list(cfg.sweep.seeds), "eval_items": len(data.eval_items),
+                                       "eval_temperature": float(cfg.sweep.eval_temperature),
+                                       "eval_samples": int(cfg.sweep.eval_samples),
                                        "wall_s": round(time.perf_counter() - t0, 1)})
     return summary
 
@@ -326,7 +329,10 @@ def write_sweep_report(runs: list[dict[str, Any]], *, sft_eval: dict[str, Any] |
         return "–" if not c else f"{c['diff']:+.{digits}f} [{c['ci_low']:+.{digits}f}, {c['ci_high']:+.{digits}f}]"
 
     lines = ["# GRPO vs TEPO-sparse vs TEPO-dense", "",
-             f"{meta.get('eval_items')} held-out items, greedy decoding, real tools; seeds {meta.get('seeds')}; "
+             f"{meta.get('eval_items')} held-out items, "
+             + ("greedy decoding" if not meta.get("eval_temperature") else
+                f"{meta.get('eval_samples')} samples per item at temperature {meta.get('eval_temperature'):g}")
+             + f", real tools; seeds {meta.get('seeds')}; "
              f"{meta.get('steps')} RL steps per run from the SFT checkpoint `{meta.get('sft_path')}`; "
              f"{meta.get('parallel')} run(s) at a time; wall {meta.get('wall_s')} s.", "",
              "| arm | seeds | accuracy | F1 / score | calls per question | efficiency (score/call) | "
@@ -341,8 +347,7 @@ def write_sweep_report(runs: list[dict[str, Any]], *, sft_eval: dict[str, Any] |
                      f"{f(row['calls_per_question'], 2)} | {f(row['efficiency'])} | {f(row['train_delta_h'], 4)} | "
                      f"{f(row['train_m_over_n'], 2)} | {ci(row.get('vs_sft_accuracy'))} |")
     lines += ["", "Mean ± std over seeds. CIs: paired percentile bootstrap over held-out items (2000 resamples), "
-              "items pooled over seeds; greedy decoding makes a re-evaluation of one model exact, so the finite "
-              "item set (and the seeds) is the noise.", "", "Contrasts (second arm − first, per item):", ""]
+              "items pooled over seeds (samples of one item averaged first).", "", "Contrasts (second arm − first, per item):", ""]
     for key, c in contrasts.items():
         if c:
             lines.append(f"* {key}: {ci(c)} (P(diff ≤ 0) = {c['p_le_0']:.3f}, n = {c['n']})")
