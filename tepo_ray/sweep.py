@@ -215,20 +215,27 @@ def run_sweep(cfg: DictConfig, *, out_dir: str | Path, address: str | None = Non
         log = out / "logs" / f"{arm.name}-s{seed}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
+        info = {"arm": arm.name, "mode": arm.mode, "alpha": arm.alpha, "seed": seed, "run_dir": str(run_dir),
+                "config": str(cfg_path), "log": str(log)}
         if not (run_dir / "summary.json").exists():  # a finished run is reused (re-running the sweep resumes it)
             with open(log, "w") as fh:
                 proc = subprocess.run([sys.executable, "-m", "tepo_ray.cli", "train", str(cfg_path), "--address", gcs],
                                       stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **QUIET_ENV})
-            if proc.returncode != 0:
-                tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-                raise RuntimeError(f"run {arm.name} seed {seed} failed (exit {proc.returncode}); see {log}:\n"
-                                   + "\n".join(tail))
-        print(f"[sweep] trained {arm.name} seed {seed} in {time.perf_counter() - t:.0f}s -> {run_dir}", flush=True)
-        return {"arm": arm.name, "mode": arm.mode, "alpha": arm.alpha, "seed": seed, "run_dir": str(run_dir),
-                "train_s": round(time.perf_counter() - t, 1), "config": str(cfg_path)}
+            if proc.returncode != 0 or not (run_dir / "summary.json").exists():
+                # One failed run does not stop the others: it is reported with its log and left out of the table.
+                info["error"] = f"training exited with status {proc.returncode}; see {log}"
+                print(f"[sweep] {arm.name} seed {seed} FAILED (exit {proc.returncode}); see {log}", flush=True)
+        if "error" not in info:
+            print(f"[sweep] trained {arm.name} seed {seed} in {time.perf_counter() - t:.0f}s -> {run_dir}", flush=True)
+        info["train_s"] = round(time.perf_counter() - t, 1)
+        return info
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        runs = list(pool.map(run_one, jobs))
+        all_runs = list(pool.map(run_one, jobs))
+    failed = [r for r in all_runs if "error" in r]
+    runs = [r for r in all_runs if "error" not in r]
+    if not runs:
+        raise RuntimeError(f"every sweep run failed; logs: {', '.join(r['log'] for r in failed)}")
 
     from tepo_ray.metrics import K
 
@@ -248,7 +255,8 @@ def run_sweep(cfg: DictConfig, *, out_dir: str | Path, address: str | None = Non
                                        "seeds": list(cfg.sweep.seeds), "eval_items": len(data.eval_items),
                                        "eval_temperature": float(cfg.sweep.eval_temperature),
                                        "eval_samples": int(cfg.sweep.eval_samples),
-                                       "wall_s": round(time.perf_counter() - t0, 1)})
+                                       "wall_s": round(time.perf_counter() - t0, 1),
+                                       "failed_runs": [{k: r[k] for k in ("arm", "seed", "log")} for r in failed]})
     return summary
 
 
@@ -351,6 +359,8 @@ def write_sweep_report(runs: list[dict[str, Any]], *, sft_eval: dict[str, Any] |
     for key, c in contrasts.items():
         if c:
             lines.append(f"* {key}: {ci(c)} (P(diff ≤ 0) = {c['p_le_0']:.3f}, n = {c['n']})")
+    for fr in meta.get("failed_runs") or []:
+        lines.append(f"* FAILED run (left out of the table): {fr['arm']} seed {fr['seed']}, log `{fr['log']}`")
     lines += ["", f"Curves: `{Path(plots['all']).name}` (all runs), "
               + ", ".join(f"`{Path(p).name}`" for k, p in plots.items() if k != "all") + ".",
               f"W&B ({meta.get('wandb_mode')}): project `{meta.get('wandb_project')}`, group "
