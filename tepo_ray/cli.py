@@ -9,6 +9,8 @@
     tepo-ray index build CORPUS.jsonl --out DIR [--backend bm25|chroma]
     tepo-ray compare RUN_DIR [RUN_DIR ...] --out plot.png
     tepo-ray export RUN_DIR [--step K] --out DIR   # checkpoint -> Hugging Face model dir (safetensors)
+    tepo-ray pilot CONFIG [key=value ...] --out DIR [--weights RUN_DIR/weights/vN.safetensors]
+    tepo-ray sweep CONFIG [key=value ...] --out DIR [--address ADDR]   # GRPO vs sparse vs dense, seeds
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "experiments" / "configs" / "demo.yaml"
+DEMO_EVAL_SAMPLES = 4  # samples per held-out item in the demo's before/after table
 
 try:
     from tepo_ray.tools.retrieval.cli import index_app
@@ -81,12 +84,65 @@ def train(config: Path = typer.Argument(..., help="YAML config"),
 
 @app.command()
 def demo(overrides: List[str] = typer.Argument(None, help="dotlist overrides on demo.yaml")) -> None:
-    """Embedded defaults end to end: tiny model, SFT warm start, TEPO-dense on a local Ray."""
+    """Embedded defaults end to end: tiny model, SFT warm start, TEPO-dense on a local Ray, then the SFT
+    and the trained model evaluated on the same held-out split."""
     from tepo_ray.driver import train as run_train
 
     cfg = _load(DEMO_CONFIG if DEMO_CONFIG.exists() else None, overrides or [])
+    t0 = time.perf_counter()
     summary = run_train(cfg)
     _print_summary(summary)
+    if cfg.data.num_eval:
+        _demo_eval(cfg, Path(summary["run_dir"]))
+    console.print(f"[bold green]demo wall time:[/bold green] {time.perf_counter() - t0:.0f} s")
+
+
+def _demo_eval(cfg: Any, run_dir: Path) -> None:
+    """SFT vs trained policy on the held-out split: a small table and the accuracy difference with its noise."""
+    from rich.table import Table
+
+    from tepo_ray.data.world import prepare_data
+    from tepo_ray.sweep import eval_policy, final_policy, paired_bootstrap
+
+    sft_path = prepare_data(cfg, progress=False).model_path
+    # Sampled at the training temperature (what RL optimises), DEMO_EVAL_SAMPLES per item, one engine seed for
+    # both models; the SFT model is evaluated again with a second seed to measure the seed noise.
+    temp = float(cfg.engine.temperature)
+    kw = dict(temperature=temp, samples=DEMO_EVAL_SAMPLES)
+    sft = eval_policy(cfg, model_path=sft_path, out_dir=run_dir / "eval" / "sft", seed=0, **kw)
+    sft2 = eval_policy(cfg, model_path=sft_path, out_dir=run_dir / "eval" / "sft-seed1", seed=1, entropy=False, **kw)
+    final_model, final_weights = final_policy(run_dir, sft_path=sft_path)
+    rl = eval_policy(cfg, model_path=final_model, weights=final_weights, out_dir=run_dir / "eval" / "trained",
+                     seed=0, **kw)
+    n_items = len(sft["item_ids"])
+    table = Table(title=f"held-out eval: {n_items} items × {DEMO_EVAL_SAMPLES} samples at temperature {temp:g}, "
+                        f"real tools")
+    for col in ("model", "accuracy", "score", "calls / question", "efficiency (score/call)", "m/n", "mean ΔH"):
+        table.add_column(col)
+
+    def fmt(x: Any, d: int = 3) -> str:
+        return "–" if x is None else f"{x:.{d}f}"
+
+    mode = getattr(cfg.algo.mode, "value", cfg.algo.mode)
+    for name, r in (("SFT", sft), (f"trained ({mode}, {cfg.trainer.steps} steps)", rl)):
+        table.add_row(name, fmt(r["accuracy"]), fmt(r["score_mean"]), fmt(r["calls_per_traj"], 2),
+                      fmt(r["efficiency"]), fmt(r.get("m_over_n"), 2), fmt(r.get("delta_h_mean"), 4))
+    console.print(table)
+    acc = paired_bootstrap(sft["item_correct"], rl["item_correct"])
+    calls = paired_bootstrap(sft["item_calls"], rl["item_calls"])
+    noise = paired_bootstrap(sft["item_correct"], sft2["item_correct"])
+    verdict = ("larger than its noise (95% CI excludes 0)" if acc["ci_low"] > 0 or acc["ci_high"] < 0
+               else "within its noise (95% CI includes 0)")
+    console.print(f"accuracy trained − SFT: {acc['diff']:+.3f}, 95% CI [{acc['ci_low']:+.3f}, {acc['ci_high']:+.3f}] "
+                  f"— {verdict}; calls/question {calls['diff']:+.2f} [{calls['ci_low']:+.2f}, {calls['ci_high']:+.2f}]. "
+                  f"Noise: paired bootstrap over items; the same SFT model with another sampling seed differs by "
+                  f"{noise['diff']:+.3f} [{noise['ci_low']:+.3f}, {noise['ci_high']:+.3f}].", highlight=False)
+    (run_dir / "eval" / "demo_eval.json").write_text(json.dumps(
+        {"sft": {k: v for k, v in sft.items() if not k.startswith("item_")},
+         "sft_seed1": {k: v for k, v in sft2.items() if not k.startswith("item_")},
+         "trained": {k: v for k, v in rl.items() if not k.startswith("item_")},
+         "accuracy_diff": acc, "calls_diff": calls, "seed_noise_accuracy_diff": noise}, indent=1))
+    console.print(f"[bold green]eval:[/bold green]          {run_dir / 'eval'}", highlight=False)
 
 
 @app.command()
@@ -428,6 +484,42 @@ def compare(run_dirs: List[Path] = typer.Argument(..., help="run directories to 
         raise typer.Exit(2)
     path = plot_run({d.name: d for d in run_dirs}, out)
     console.print(f"wrote {path}")
+
+
+@app.command()
+def pilot(config: Path = typer.Argument(..., help="YAML config (e.g. experiments/configs/pilot.yaml)"),
+          overrides: List[str] = typer.Argument(None, help="dotlist overrides, e.g. pilot.judge=llm"),
+          out: Path = typer.Option(Path("runs/pilot"), help="output directory (pilot.json, pilot.md, pilot.png)"),
+          model: Optional[str] = typer.Option(None, help="policy model dir (default: the config's SFT checkpoint)"),
+          weights: Optional[Path] = typer.Option(None, help="a run's weights/vN.safetensors loaded over the model")
+          ) -> None:
+    """Pilot study: ΔH of useful vs useless tool calls on held-out items (judge, CI, Mann–Whitney U, plot)."""
+    from tepo_ray.pilot import run_pilot
+
+    cfg = _load(config, overrides or [])
+    if weights is not None and not weights.is_file():
+        err_console.print(f"[red]--weights {weights}: no such file[/red]", highlight=False)
+        raise typer.Exit(2)
+    result = run_pilot(cfg, out_dir=out, model_path=model, weights=str(weights) if weights else None,
+                       progress=cfg.logging.progress)
+    console.print((out / "pilot.md").read_text(), highlight=False, markup=False)
+    console.print(f"[bold green]pilot:[/bold green] {out / 'pilot.json'}  {result['plot']}", highlight=False)
+
+
+@app.command()
+def sweep(config: Path = typer.Argument(..., help="YAML config (e.g. experiments/configs/compare.yaml)"),
+          overrides: List[str] = typer.Argument(None, help="dotlist overrides, e.g. sweep.seeds=[0,1] trainer.steps=8"),
+          out: Optional[Path] = typer.Option(None, help="sweep directory (default runs/sweep-<time>)"),
+          address: Optional[str] = typer.Option(None, help="Ray cluster address (else RAY_ADDRESS or a local one)")
+          ) -> None:
+    """Train GRPO, TEPO-sparse and TEPO-dense (per alpha) from one SFT checkpoint over seeds; evaluate; report."""
+    from tepo_ray.sweep import run_sweep
+
+    cfg = _load(config, overrides or [])
+    out = out or Path("runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = run_sweep(cfg, out_dir=out, address=address, progress=cfg.logging.progress)
+    console.print(Path(result["report"]).read_text(), highlight=False, markup=False)
+    console.print(f"[bold green]report:[/bold green] {result['report']}", highlight=False)
 
 
 def main() -> None:

@@ -433,6 +433,63 @@ class WeightsConfig:
 
 
 @dataclass
+class PilotConfig:
+    """`tepo-ray pilot`: is ΔH after a call lower for useful calls than for useless ones? (paper's pilot study)"""
+
+    num_items: int = 64  # held-out items sampled (data.num_eval caps it)
+    samples_per_item: int = 2  # trajectories per item
+    temperature: float = 1.0  # sampling temperature of the policy
+    inject_rate: float = 0.3  # share of tool calls whose observation is replaced by a useless one
+    inject_kinds: list[str] = field(default_factory=lambda: ["irrelevant", "fail"])
+    judge: str = "rule"  # rule | llm (OpenAI-compatible endpoint: judge_base_url + judge_model)
+    judge_base_url: Optional[str] = None  # e.g. http://127.0.0.1:8000/v1 (a local `vllm serve`)
+    judge_model: Optional[str] = None
+    judge_api_key: str = "EMPTY"
+    judge_timeout_s: float = 30.0
+    confidence: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.num_items >= 1, "pilot.num_items", self.num_items, ">= 1")
+        _check(self.samples_per_item >= 1, "pilot.samples_per_item", self.samples_per_item, ">= 1")
+        _check(0.0 <= self.inject_rate <= 1.0, "pilot.inject_rate", self.inject_rate, "in [0, 1]")
+        bad = [k for k in self.inject_kinds if k not in ("irrelevant", "fail")]
+        _check(not bad and (self.inject_kinds or self.inject_rate == 0), "pilot.inject_kinds",
+               list(self.inject_kinds), "a non-empty list of irrelevant|fail")
+        _check(self.judge in ("rule", "llm"), "pilot.judge", self.judge, "rule|llm")
+        if self.judge == "llm":
+            _check(bool(self.judge_base_url), "pilot.judge_base_url", self.judge_base_url,
+                   "an OpenAI-compatible endpoint URL when pilot.judge=llm")
+            _check(bool(self.judge_model), "pilot.judge_model", self.judge_model,
+                   "the endpoint's model name when pilot.judge=llm")
+        _check(0.5 < self.confidence < 1.0, "pilot.confidence", self.confidence, "in (0.5, 1)")
+
+
+@dataclass
+class SweepConfig:
+    """`tepo-ray sweep`: GRPO vs TEPO-sparse vs TEPO-dense (one per alpha) from one SFT checkpoint."""
+
+    arms: list[str] = field(default_factory=lambda: ["grpo", "sparse", "dense"])  # algo modes
+    alphas: list[float] = field(default_factory=lambda: [0.1, 0.5, 1.0])  # one dense arm per alpha
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    max_concurrent: int = 0  # arms trained at once; 0 = as many placement groups as the cluster fits
+    eval_sft: bool = True  # evaluate the shared SFT checkpoint too (the reference row)
+    arm: Optional[str] = None  # set by the sweep on each run's config: the arm's name (W&B config)
+    eval_temperature: float = 0.0  # held-out eval: 0 = greedy; > 0 samples eval_samples per item
+    eval_samples: int = 1
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.arms if a not in ("grpo", "sparse", "dense")]
+        _check(bool(self.arms) and not bad, "sweep.arms", list(self.arms), "a non-empty list of grpo|sparse|dense")
+        _check(bool(self.seeds), "sweep.seeds", list(self.seeds), "a non-empty list of ints")
+        _check("dense" not in self.arms or bool(self.alphas), "sweep.alphas", list(self.alphas),
+               "a non-empty list when sweep.arms has dense")
+        _check(self.max_concurrent >= 0, "sweep.max_concurrent", self.max_concurrent, ">= 0")
+        _check(self.eval_temperature >= 0, "sweep.eval_temperature", self.eval_temperature, ">= 0")
+        _check(self.eval_samples >= 1, "sweep.eval_samples", self.eval_samples, ">= 1")
+
+
+@dataclass
 class TepoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -446,6 +503,8 @@ class TepoConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
+    pilot: PilotConfig = field(default_factory=PilotConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
         tp = self.engine.tensor_parallel_size

@@ -147,8 +147,9 @@ class Evaluator:
         self.scorer = scorer
         self.malformed_calls = malformed_calls
 
-    def run(self, datasets: Mapping[str, Sequence[dict[str, Any]]], *,
-            weights: tuple[str, int] | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, list[Trajectory]]]:
+    def run(self, datasets: Mapping[str, Sequence[dict[str, Any]]], *, weights: tuple[str, int] | None = None,
+            group_size: int = 1) -> tuple[dict[str, dict[str, Any]], dict[str, list[Trajectory]]]:
+        """`group_size`: trajectories per item (> 1 with a sampling generator)."""
         import ray
 
         if weights is not None and weights[1] > 0:
@@ -157,7 +158,7 @@ class Evaluator:
         all_trajs: dict[str, list[Trajectory]] = {}
         for name, items in datasets.items():
             groups = ray.get(self.generator.generate_groups.remote(
-                list(items), group_ids=[f"eval-{name}-{i}" for i in range(len(items))], group_size=1))
+                list(items), group_ids=[f"eval-{name}-{i}" for i in range(len(items))], group_size=group_size))
             trajs = [Trajectory.from_dict(d) for g in groups for d in g]
             by_version: dict[int, list[Trajectory]] = {}
             for t in trajs:
@@ -191,9 +192,12 @@ def _load_sets(cfg: DictConfig, data_args: Mapping[str, tuple[str, str]], limit:
 
 def evaluate(cfg: DictConfig, *, model_path: str | None = None, datasets: Sequence[str] | None = None,
              limit: int | None = None, address: str | None = None, out_dir: str | Path | None = None,
+             weights: str | None = None, temperature: float = 0.0, samples: int = 1, seed: int | None = None,
              ) -> dict[str, Any]:
     """Evaluate `model_path` (default: the config's model after SFT) on `datasets` (`NAME=PATH` strings;
-    default: the held-out split); returns the report (also written under `out_dir`)."""
+    default: the held-out split); returns the report (also written under `out_dir`). Greedy unless
+    `temperature` > 0 (then `samples` per item, engine seed `seed`); `weights`: a run's
+    `weights/v{N}.safetensors` loaded over `model_path`."""
     import ray
 
     from actors.entropy_scorer import EntropyScorerActor
@@ -213,16 +217,19 @@ def evaluate(cfg: DictConfig, *, model_path: str | None = None, datasets: Sequen
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
                  runtime_env={"env_vars": QUIET_ENV})
     pools = start_tool_pools(cfg, index_dir=data.index_dir)
-    engine_cfg = OmegaConf.merge(cfg.engine, {"temperature": 0.0})
+    engine_cfg = OmegaConf.merge(cfg.engine, {"temperature": float(temperature)},
+                                 {"seed": int(seed)} if seed is not None else {})
     gen = ray.remote(GenerationWorker).options(num_cpus=0.5, max_concurrency=10_000).remote(
         engine_cfg=engine_cfg, model_path=model_path, pools=pools,
         max_observation_chars=cfg.tools.max_observation_chars, name="eval", prompt_cfg=cfg.prompt)
     scorer = EntropyScorerActor.options(num_cpus=0.25).remote(model_path, algo_cfg=cfg.algo, name="eval-scorer")
     try:
-        results, trajs = Evaluator(generator=gen, scorer=scorer, malformed_calls=cfg.algo.malformed_calls).run(sets)
+        results, trajs = Evaluator(generator=gen, scorer=scorer, malformed_calls=cfg.algo.malformed_calls).run(
+            sets, weights=(str(weights), 1) if weights else None, group_size=samples)
         for name in results:
             results[name]["skipped"] = skipped.get(name, {})
-        report: dict[str, Any] = {"model_path": str(model_path), "datasets": results}
+        report: dict[str, Any] = {"model_path": str(model_path), "weights": str(weights) if weights else None,
+                                  "temperature": float(temperature), "samples": int(samples), "datasets": results}
         if out_dir is not None:
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)

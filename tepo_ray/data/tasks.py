@@ -12,6 +12,13 @@ Task items are dicts ``{"id", "question", "answers": [aliases], "task_type"}``
 
 `demonstration(item)` gives a tool-use demonstration as (text, trainable) pieces
 for SFT; `render_prompt(question)` is the single prompt format used everywhere.
+
+Demonstrations are deliberately imperfect, so that RL has something to fix in
+both directions (what a TEPO vs GRPO comparison needs): a seeded share of them
+(`REDUNDANT_SHARE`, chosen per item id) makes a redundant or useless call — the
+same call repeated, a failing call before the right one, a call on an easy sum,
+a search for the wrong entity first — while hard items always keep the call
+they need, so dropping every call costs accuracy.
 """
 
 from __future__ import annotations
@@ -29,10 +36,34 @@ __all__ = [
     "make_items",
     "demonstration",
     "Piece",
+    "REDUNDANT_SHARE",
+    "redundancy_kind",
 ]
 
 Piece = tuple[str, bool]  # (text, trainable)
-DEMO_VERSION = 2  # bump when demonstration text changes (part of the SFT cache key)
+DEMO_VERSION = 3  # bump when demonstration text changes (part of the SFT cache key)
+
+
+# Share of demonstrations that waste a call, per kind (chosen by a seeded draw on the item id).
+REDUNDANT_SHARE = {"repeat": 0.15, "fail_first": 0.1, "easy_call": 0.3, "wrong_entity": 0.2}
+
+
+def redundancy_kind(item: dict[str, Any]) -> str | None:
+    """Which useless call (if any) the demonstration of `item` makes: a deterministic function of its id."""
+    u = random.Random(f"redundant-{item['id']}").random()
+    q = item["question"]
+    if item["task_type"] == "math" and "*" in q:
+        kinds = ("repeat", "fail_first")
+    elif item["task_type"] == "math":
+        kinds = ("easy_call",)
+    else:
+        kinds = ("wrong_entity",)
+    edge = 0.0
+    for kind in kinds:
+        edge += REDUNDANT_SHARE[kind]
+        if u < edge:
+            return kind
+    return None
 
 
 class TaskError(ValueError):
@@ -50,11 +81,12 @@ def arithmetic_items(*, n: int, seed: int, hard_fraction: float = 0.75, prefix: 
     for i in range(n):
         if rng.random() < hard_fraction:
             a, b = rng.randint(100, 999), rng.randint(100, 999)
-            q, ans = f"What is {a} * {b}?", str(a * b)
+            q, ans, needs_tool = f"What is {a} * {b}?", str(a * b), True
         else:
             a, b = rng.randint(1, 4), rng.randint(1, 4)
-            q, ans = f"What is {a} + {b}?", str(a + b)
-        items.append({"id": f"{prefix}-{seed}-{i}", "question": q, "answers": [ans], "task_type": "math"})
+            q, ans, needs_tool = f"What is {a} + {b}?", str(a + b), False
+        items.append({"id": f"{prefix}-{seed}-{i}", "question": q, "answers": [ans], "task_type": "math",
+                      "needs_tool": needs_tool})
     return items
 
 
@@ -138,25 +170,44 @@ def demonstration(item: dict[str, Any], *, run_python: Callable[[str], str] | No
     """A tool-use demonstration for SFT as (text, trainable) pieces.
 
     Observations come from the real tools (`run_python`, `search`) so SFT sees the
-    same observation distribution as RL; they are not trainable.
+    same observation distribution as RL; they are not trainable. `redundancy_kind(item)`
+    decides whether it also makes a useless call; for QA items the wrong-entity search
+    uses `item["wrong_query"]` (another entity's title, filled by the caller) when present.
     """
     pieces: list[Piece] = [(render_prompt(item["question"]), False)]
     answer = item["answers"][0]
     q = item["question"]
+    kind = redundancy_kind(item)
+
+    def python_call(think: str, code: str) -> str:
+        obs = run_python(code) if run_python else answer + "\n"
+        pieces.extend([(f"<think>{think}</think><python>{code}</python>", True), (f"<result>{obs}</result>", False)])
+        return obs
+
     if item["task_type"] == "math" and "*" in q:
         expr = q.removeprefix("What is ").rstrip("?")
         code = f"print({expr})"
-        obs = run_python(code) if run_python else answer + "\n"
         # A rough estimate first: uncertain digits a small model cannot know (high entropy), which the
         # exact tool result then settles (the entropy drop TEPO rewards).
         estimate = f"{float(answer):.1e}".replace("+0", "").replace("+", "")
-        pieces += [(f"<think>about {estimate}, too hard to do exactly</think><python>{code}</python>", True),
-                   (f"<result>{obs}</result>", False),
-                   (f"<think>the tool says {obs.strip()}</think><answer>{obs.strip()}</answer>", True)]
+        think = f"about {estimate}, too hard to do exactly"
+        if kind == "fail_first":  # a broken call whose error observation helps nothing
+            python_call(think, f"print({expr}")
+        obs = python_call(think, code)
+        if kind == "repeat":  # the same call again: its observation adds nothing new
+            obs = python_call(f"the tool says {obs.strip()}", code)
+        pieces.append((f"<think>the tool says {obs.strip()}</think><answer>{obs.strip()}</answer>", True))
     elif item["task_type"] == "math":
-        pieces += [(f"<think>easy</think><answer>{answer}</answer>", True)]
+        if kind == "easy_call":  # a call the item does not need
+            expr = q.removeprefix("What is ").rstrip("?")
+            obs = python_call("easy", f"print({expr})")
+            pieces.append((f"<think>the tool says {obs.strip()}</think><answer>{answer}</answer>", True))
+        else:
+            pieces.append((f"<think>easy</think><answer>{answer}</answer>", True))
     else:
-        hops = item.get("hop_queries") or [q]
+        hops = list(item.get("hop_queries") or [q])
+        if kind == "wrong_entity" and item.get("wrong_query"):  # a search for another entity first
+            hops.insert(0, item["wrong_query"])
         for query in hops:
             obs = search(query) if search else ""
             pieces += [(f"<think>look it up</think><search>{query}</search>", True), (f"<result>{obs}</result>", False)]

@@ -80,7 +80,9 @@ def _split_items(cfg: Any, world: Any) -> tuple[list[dict[str, Any]], list[dict[
     eval_ = make_items(task=d.task, n=d.num_eval, seed=d.seed + 10_000, path=d.eval_path or d.train_path,
                        multihop_source=multihop, **fmt) if d.num_eval else []
     seen = {it["question"] for it in train}
-    eval_ = [it for it in eval_ if it["question"] not in seen or d.task == "jsonl"]
+    # Held-out = unseen questions; items that need no tool (one-digit sums, too few to hold out) stay, so the
+    # held-out split also measures calls made where none is needed.
+    eval_ = [it for it in eval_ if it["question"] not in seen or d.task == "jsonl" or it.get("needs_tool") is False]
     return train, eval_
 
 
@@ -114,9 +116,13 @@ def build_demonstrations(items: list[dict[str, Any]], *, cfg: Any, index_dir: Pa
             res = sandbox.run(code)
             return format_observation(res, max_chars=cfg.tools.python.max_output_chars)[: cfg.tools.max_observation_chars]
 
+        title_list = sorted(set(titles.values()))
         for it in items:
             if it.get("hops") and titles:
-                it = {**it, "hop_queries": [titles[h] for h in it["hops"] if h in titles]}
+                hop_titles = [titles[h] for h in it["hops"] if h in titles]
+                others = [t for t in title_list if t not in hop_titles]
+                wrong = random.Random(f"wrong-{it['id']}").choice(others) if others else None
+                it = {**it, "hop_queries": hop_titles, "wrong_query": wrong}
             demos.append(demonstration(it, run_python=run_python, search=search))
     return demos
 
