@@ -200,7 +200,8 @@ def _chat_sft_warm_start(cfg: Any, *, model_path: str, cache: Path, progress: bo
     from transformers import AutoTokenizer
 
     from tepo_ray.agent.prompts import PromptBuilder
-    from tepo_ray.trainer.sft import load_chat_demonstrations, sft_train
+    from tepo_ray.trainer.sft import load_chat_demonstrations
+    from tepo_ray.trainer.sft_group import run_sft
 
     t = cfg.trainer
     tok = AutoTokenizer.from_pretrained(str(model_path))
@@ -212,6 +213,10 @@ def _chat_sft_warm_start(cfg: Any, *, model_path: str, cache: Path, progress: bo
     if (out / "config.json").exists():
         return str(out)
     examples = load_chat_demonstrations(cfg.data.sft_path, builder=builder)
-    sft_train(model_path, examples=examples, steps=t.sft_steps, lr=t.sft_lr, batch_size=t.sft_batch_size,
-              out_dir=str(out), seed=t.seed, progress=progress)
+    lr_topo = cfg.topology.learner  # the learner's ranks and devices: FSDP2 when > 1 rank or on GPU
+    sharded = int(lr_topo.replicas) > 1 or float(lr_topo.num_gpus) > 0
+    run_sft(str(model_path), examples=examples, replicas=int(lr_topo.replicas), num_cpus=float(lr_topo.num_cpus),
+            num_gpus=float(lr_topo.num_gpus), steps=t.sft_steps, lr=t.sft_lr, batch_size=t.sft_batch_size,
+            out_dir=str(out), seed=t.seed, progress=progress,
+            dtype=str(cfg.model.dtype) if sharded else "float32")  # sharded: fp32 masters, compute in model.dtype
     return str(out)

@@ -16,8 +16,17 @@ Demonstrations come either from the built-in tasks (the tiny model) or from a
 chat-message jsonl file (`data.sft_path`, any `model.path`; see
 `load_chat_demonstrations`): one `{"messages": [...]}` object per line, rendered
 by the same `PromptBuilder` the agent loop uses, so SFT trains on exactly the
-layout RL samples. The trainer below is a plain single-process loop; a sharded
-learner can replace `sft_train` without touching how examples are made.
+layout RL samples.
+
+Sharded (FSDP2): when a torch.distributed group is initialised (`tepo-ray sft`
+with `topology.learner.replicas` > 1 starts one Ray actor per rank through
+`tepo_ray.trainer.sft_group`), `sft_train` shards the model with the learner's
+own code (`distributed.fsdp.shard_policy`: fp32 master weights and optimizer
+state, compute in `dtype`), each rank runs the examples `i % world_size == rank`
+of every batch (padded with weight-0 repeats so every rank makes the same
+collective calls), the divisor is the global token count and the loss is scaled
+by the world size (FSDP averages gradients over ranks), so the update equals the
+single-process one. Rank 0 gathers the full weights and writes the model dir.
 """
 
 from __future__ import annotations
@@ -211,8 +220,20 @@ def sft_train(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
 
-    model = load_policy(model_path, device=device, dtype=dtype)
+    from tepo_ray.distributed import process_group
+
+    sharded = process_group.is_initialized()
+    rank = process_group.rank() if sharded else 0
+    world = process_group.world_size() if sharded else 1
+    model = load_policy(model_path, device=device, dtype="float32" if sharded else dtype)
     model.train()
+    policy: torch.nn.Module = model
+    if sharded:
+        from tepo_ray.distributed.fsdp import shard_policy
+        from tepo_ray.trainer.batching import PolicyLogprobs
+        from tepo_ray.trainer.checkpoint import DTYPES
+
+        policy = shard_policy(PolicyLogprobs(model), param_dtype=DTYPES[dtype])
     pad_id = int(getattr(model.config, "pad_token_id", None) or 0)
     vocab = int(model.get_output_embeddings().weight.shape[0])
     for i, (ids, _) in enumerate(data):
@@ -232,7 +253,7 @@ def sft_train(
     losses: list[float] = []
     total_tokens = 0
     t0 = time.perf_counter()
-    with _progress(progress) as bar:
+    with _progress(progress and rank == 0) as bar:
         task = bar.add_task("sft", total=steps, loss=float("nan"), lr=lr)
         for step in range(steps):
             idx = []
@@ -244,13 +265,14 @@ def sft_train(
             n_tok = sum(sum(m) for _, m in batch_ex)
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
-            for sl in micro_batch_slices(len(batch_ex), mbs):
-                mb = batch_ex[sl]
+            for mb, weight in _rank_micro_batches(batch_ex, mbs, rank=rank, world=world):
                 batch = make_token_batch([e[0] for e in mb], [e[1] for e in mb], pad_id=pad_id)
-                loss = sft_loss(model, batch, num_tokens=n_tok)
-                loss.backward()
-                step_loss += float(loss.detach())
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+                loss = sft_loss(policy, batch, num_tokens=n_tok)
+                (loss * (weight * world)).backward()  # sharded: FSDP averages over ranks, we want the sum
+                step_loss += weight * float(loss.detach())
+            if sharded:
+                step_loss = _all_reduce_sum(step_loss)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
             current_lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -268,9 +290,40 @@ def sft_train(
         "tokens_per_s": total_tokens / max(elapsed, 1e-9),
         "out_dir": str(out_dir),
     }
-    _save_model_atomic(model.eval(), out_dir=Path(out_dir), tokenizer_from=str(model_path), metrics=metrics)
+    if sharded:  # every rank takes part in gathering the shards; rank 0 writes the model dir
+        from tepo_ray.distributed.params import full_state_dict
+
+        state = full_state_dict(model, device="cpu")
+        if rank == 0:
+            full = load_policy(model_path, device="cpu", dtype=dtype)
+            full.load_state_dict({k: v.to(full.state_dict()[k].dtype) for k, v in state.items()})
+            _save_model_atomic(full.eval(), out_dir=Path(out_dir), tokenizer_from=str(model_path), metrics=metrics)
+        del state
+        torch.distributed.barrier()
+    else:
+        _save_model_atomic(model.eval(), out_dir=Path(out_dir), tokenizer_from=str(model_path), metrics=metrics)
     metrics["loss_history"] = losses
     return metrics
+
+
+def _rank_micro_batches(batch_ex: Sequence[Any], mbs: int, *, rank: int, world: int
+                        ) -> list[tuple[list[Any], float]]:
+    """(examples, loss weight) of this rank's micro-batches: examples `i % world == rank` in slices of `mbs`,
+    padded with weight-0 repeats to rank 0's count so every rank makes the same collective calls."""
+    mine = [batch_ex[i] for i in range(rank, len(batch_ex), world)]
+    out = [(mine[sl], 1.0) for sl in micro_batch_slices(len(mine), mbs)] if mine else []
+    if world > 1:
+        steps = len(micro_batch_slices(len(range(0, len(batch_ex), world)), mbs))
+        out += [(mine[:1] or [batch_ex[0]], 0.0)] * (steps - len(out))
+    return out
+
+
+def _all_reduce_sum(x: float) -> float:
+    t = torch.tensor([x], dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t)
+    return float(t.item())
 
 
 def _save_model_atomic(model: torch.nn.Module, *, out_dir: Path, tokenizer_from: str, metrics: dict) -> None:
