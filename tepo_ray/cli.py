@@ -46,6 +46,51 @@ except ImportError:  # pragma: no cover - retrieval extras missing
     pass
 
 
+tools_app = typer.Typer(no_args_is_help=True, help="Long-lived tool services shared by several runs.")
+app.add_typer(tools_app, name="tools")
+
+
+@tools_app.command("serve")
+def tools_serve(config: Path = typer.Argument(..., help="YAML config (its tools.search and data sections)"),
+                overrides: List[str] = typer.Argument(None, help="dotlist overrides"),
+                name: str = typer.Option("search", help="service name; runs set tools.search.service=NAME"),
+                address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS)")
+                ) -> None:
+    """Start a detached, named search pool on the cluster (one index, many runs); returns when it is ready."""
+    import os
+
+    import ray
+
+    from tepo_ray.data.world import prepare_search_index
+    from tepo_ray.tool_pools import SERVICE_NAMESPACE, start_service
+
+    cfg = _load(config, overrides or [])
+    index_dir = prepare_search_index(cfg, progress=cfg.logging.progress)
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", namespace=SERVICE_NAMESPACE,
+             include_dashboard=False)
+    start_service(cfg, "search", name=name, index_dir=index_dir)
+    console.print(f"[bold green]search service[/bold green] {name!r} (namespace {SERVICE_NAMESPACE}) is up on "
+                  f"index {index_dir}; runs use it with tools.search.service={name}", highlight=False)
+
+
+@tools_app.command("stop")
+def tools_stop(name: str = typer.Option("search", help="service name"),
+               address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS)")
+               ) -> None:
+    """Shut down a named tool service."""
+    import os
+
+    import ray
+
+    from tepo_ray.tool_pools import stop_service
+
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", include_dashboard=False)
+    if not stop_service(name):
+        err_console.print(f"[red]error:[/red] no tool service named {name!r} runs on this cluster", highlight=False)
+        raise typer.Exit(2)
+    console.print(f"stopped {name!r}")
+
+
 def _load(config: Optional[Path], overrides: List[str]) -> Any:
     try:
         return load_config([config] if config else [], overrides)

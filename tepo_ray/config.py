@@ -278,8 +278,14 @@ class SearchToolConfig:
     faiss_nprobe: int = 32
     faiss_ef_search: int = 128
     faiss_use_gpu: bool = False
+    # Name of a long-lived search service on the cluster (`tepo-ray tools serve CONFIG --name NAME`) that
+    # every run sharing the index calls (the arms of a sweep): the run starts no search pool of its own and
+    # reserves no search bundle. null = the run starts its own pool.
+    service: Optional[str] = None
 
     def __post_init__(self) -> None:
+        _check(self.service is None or bool(str(self.service).strip()), "tools.search.service", self.service,
+               "null or a service name")
         _check(self.backend in ("bm25", "chroma", "faiss"), "tools.search.backend", self.backend,
                "bm25|chroma|faiss")
         _check(self.faiss_nprobe > 0, "tools.search.faiss_nprobe", self.faiss_nprobe, "> 0")

@@ -63,7 +63,7 @@ from tepo_ray.config import save_resolved, validate_resources
 from tepo_ray.data.world import PreparedData, prepare_data
 from tepo_ray.metrics import TOOLS, K, MetricsLogger, call_stats, plot_run
 from tepo_ray.records import RecordError, Trajectory
-from tepo_ray.tool_pools import QUIET_ENV, PoolPlacement, start_tool_pools
+from tepo_ray.tool_pools import QUIET_ENV, PoolPlacement, owned_pools, start_tool_pools
 from tepo_ray.topology import TopologyPlan, plan_topology
 
 __all__ = ["Driver", "train"]
@@ -885,7 +885,7 @@ class Driver:
                 ray.get(g.shutdown.remote(), timeout=30)
             except Exception:
                 pass
-        for pool in getattr(self, "pools", {}).values():
+        for pool in owned_pools(self.cfg, getattr(self, "pools", {})).values():
             try:
                 ray.get(pool.shutdown.remote(), timeout=30)
             except Exception:

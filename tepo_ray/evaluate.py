@@ -203,7 +203,7 @@ def evaluate(cfg: DictConfig, *, model_path: str | None = None, datasets: Sequen
     from actors.entropy_scorer import EntropyScorerActor
     from actors.generation import GenerationWorker
     from tepo_ray.data.world import prepare_data
-    from tepo_ray.tool_pools import QUIET_ENV, start_tool_pools
+    from tepo_ray.tool_pools import QUIET_ENV, owned_pools, start_tool_pools
 
     data_args = parse_data_args(datasets or [])
     sets, skipped = _load_sets(cfg, data_args, limit)  # bad files fail before anything starts
@@ -241,10 +241,10 @@ def evaluate(cfg: DictConfig, *, model_path: str | None = None, datasets: Sequen
             report["report_json"], report["report_md"] = str(json_path), str(md_path)
         return report
     finally:
-        for actor in (gen, *pools.values()):
+        for actor in (gen, *owned_pools(cfg, pools).values()):
             try:
                 ray.get(actor.shutdown.remote(), timeout=30)
             except Exception:
                 pass
-        for actor in (gen, scorer, *pools.values()):
+        for actor in (gen, scorer, *owned_pools(cfg, pools).values()):
             ray.kill(actor)

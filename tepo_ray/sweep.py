@@ -221,13 +221,27 @@ def run_sweep(cfg: DictConfig, *, out_dir: str | Path, address: str | None = Non
     print(f"[sweep] {len(jobs)} runs ({', '.join(a.name for a in arms)} x seeds {list(cfg.sweep.seeds)}), "
           f"{parallel} at a time, from SFT checkpoint {sft_path}", flush=True)
 
+    # One search index for every arm: a named search service on this cluster, not a pool (and index copy)
+    # per run (`tools.search.service`); a user-given service is used as it is.
+    from tepo_ray.topology import needs_search
+
+    service_overrides: list[str] = []
+    own_service = None
+    if needs_search(cfg) and data.index_dir:
+        from tepo_ray.tool_pools import start_service
+
+        own_service = f"sweep-search-{out.name}"
+        start_service(cfg, "search", name=own_service, index_dir=str(data.index_dir))
+        service_overrides = [f"tools.search.service={own_service}"]
+        print(f"[sweep] every arm searches through the shared service {own_service!r}", flush=True)
+
     def run_one(job: tuple[Arm, int]) -> dict[str, Any]:
         arm, seed = job
         run_dir = out / "runs" / f"{arm.name}-s{seed}"
         run_cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(arm.overrides() + [
             f"trainer.seed={seed}", f"engine.seed={seed}", f"model.path={sft_path}", f"logging.run_dir={run_dir}",
             f"logging.name={arm.name}-s{seed}", f"logging.wandb_group={group}", f"sweep.arm={arm.name}",
-            "logging.progress=false"]
+            "logging.progress=false", *service_overrides]
             # the final policy is evaluated from the checkpoint at the last step (collective runs write no
             # weight files): every run checkpoints at least at its end
             + ([f"trainer.checkpoint_interval={int(cfg.trainer.steps)}"] if not cfg.trainer.checkpoint_interval else [])))
@@ -252,8 +266,14 @@ def run_sweep(cfg: DictConfig, *, out_dir: str | Path, address: str | None = Non
         info["train_s"] = round(time.perf_counter() - t, 1)
         return info
 
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        all_runs = list(pool.map(run_one, jobs))
+    try:
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            all_runs = list(pool.map(run_one, jobs))
+    finally:
+        if own_service:
+            from tepo_ray.tool_pools import stop_service
+
+            stop_service(own_service)
     failed = [r for r in all_runs if "error" in r]
     runs = [r for r in all_runs if "error" not in r]
     if not runs:

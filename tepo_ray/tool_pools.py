@@ -7,7 +7,13 @@ returns `{kind: handle}`. A kind is enabled when `tools.<kind>.workers > 0`
 pool actor is pinned to its first bundle and its workers share the bundles'
 CPUs so `max_workers` fit without a new placement group. Without one (a
 stand-alone eval), each worker asks for `UNPLACED_CPUS_PER_WORKER` CPUs.
-Pools are restartable (`max_restarts=-1`); callers shut them down.
+Pools are restartable (`max_restarts=-1`); callers shut down `owned_pools(cfg, pools)`.
+
+Shared service: `tools.search.service=NAME` makes `start_tool_pools` connect to a
+long-lived, detached, named `ToolPoolService` (`start_service`, the CLI's
+`tepo-ray tools serve`) in namespace `SERVICE_NAMESPACE` instead of starting a
+search pool, so several runs (the arms of a sweep) call one index; runs never
+shut it down (`stop_service` does).
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ from typing import Any, Sequence
 from omegaconf import OmegaConf
 
 __all__ = ["TOOL_KINDS", "QUIET_ENV", "PoolPlacement", "tools_cfg_for", "worker_resources", "enabled_tool_kinds",
-           "start_tool_pools", "UNPLACED_CPUS_PER_WORKER"]
+           "start_tool_pools", "UNPLACED_CPUS_PER_WORKER", "SERVICE_NAMESPACE", "start_service", "connect_service",
+           "stop_service", "owned_pools"]
+
+SERVICE_NAMESPACE = "tepo-tools"
 
 TOOL_KINDS: tuple[tuple[str, str], ...] = (("python", "python_tools"), ("search", "search_tools"))  # (kind, role)
 UNPLACED_CPUS_PER_WORKER = 0.25
@@ -51,8 +60,63 @@ def tools_cfg_for(cfg: Any, kind: str, index_dir: str | None) -> Any:
     return tools
 
 
+def _service_name(cfg: Any, kind: str) -> str | None:
+    return getattr(cfg.tools[kind], "service", None) if kind == "search" else None
+
+
 def enabled_tool_kinds(cfg: Any, *, index_dir: str | None) -> list[str]:
-    return [kind for kind, _ in TOOL_KINDS if cfg.tools[kind].workers and (kind != "search" or index_dir)]
+    return [kind for kind, _ in TOOL_KINDS
+            if _service_name(cfg, kind) or (cfg.tools[kind].workers and (kind != "search" or index_dir))]
+
+
+def start_service(cfg: Any, kind: str, *, name: str, index_dir: str | None) -> Any:
+    """Start (or find, when it runs already) the detached named `ToolPoolService` `name`; returns its handle.
+    It outlives the process that started it; `stop_service(name)` ends it."""
+    import ray
+
+    from actors.tool_pool_service import ToolPoolService
+
+    if kind == "search" and not index_dir:
+        raise ValueError("a search service needs an index: set tools.search.index_dir or data.corpus_path")
+    res = SimpleNamespace(num_cpus=UNPLACED_CPUS_PER_WORKER, num_gpus=0.0)
+    handle = ray.remote(ToolPoolService).options(
+        name=name, namespace=SERVICE_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
+        max_concurrency=10_000, max_restarts=-1).remote(kind, tools_cfg=tools_cfg_for(cfg, kind, index_dir),
+                                                        resources=res)
+    ray.get(handle.ready.remote())
+    return handle
+
+
+def connect_service(name: str) -> Any:
+    """The handle of the running service `name`, or a ValueError saying how to start it."""
+    import ray
+
+    try:
+        return ray.get_actor(name, namespace=SERVICE_NAMESPACE)
+    except ValueError:
+        raise ValueError(f"tools.search.service={name!r}: no such service in Ray namespace {SERVICE_NAMESPACE!r} "
+                         f"of this cluster; start it first with `tepo-ray tools serve CONFIG --name {name}` "
+                         f"(or set tools.search.service=null to start a pool per run)") from None
+
+
+def stop_service(name: str) -> bool:
+    """Shut down and kill the service `name`; False when none runs."""
+    import ray
+
+    try:
+        handle = ray.get_actor(name, namespace=SERVICE_NAMESPACE)
+    except ValueError:
+        return False
+    try:
+        ray.get(handle.shutdown.remote(), timeout=30)
+    finally:
+        ray.kill(handle)
+    return True
+
+
+def owned_pools(cfg: Any, pools: dict[str, Any]) -> dict[str, Any]:
+    """The pools a run started itself (and must shut down): all but shared services."""
+    return {kind: h for kind, h in pools.items() if not _service_name(cfg, kind)}
 
 
 def start_tool_pools(cfg: Any, *, index_dir: str | None, placement: PoolPlacement | None = None) -> dict[str, Any]:
@@ -66,6 +130,9 @@ def start_tool_pools(cfg: Any, *, index_dir: str | None, placement: PoolPlacemen
     pools: dict[str, Any] = {}
     for kind, role in TOOL_KINDS:
         if kind not in enabled_tool_kinds(cfg, index_dir=index_dir):
+            continue
+        if _service_name(cfg, kind):
+            pools[kind] = connect_service(_service_name(cfg, kind))
             continue
         max_workers = cfg.tools[kind].max_workers
         tools_cfg = tools_cfg_for(cfg, kind, index_dir)

@@ -76,8 +76,8 @@ class TopologyPlan:
 
 def needs_search(cfg: Any) -> bool:
     """Whether a run starts a search pool: tasks that need it, or a user corpus to search."""
-    if cfg.tools.search.workers == 0:
-        return False
+    if cfg.tools.search.workers == 0 or getattr(cfg.tools.search, "service", None):
+        return False  # no pool of its own (a shared named search service answers, `tools.search.service`)
     return cfg.data.task in ("multihop", "mixed") or bool(cfg.data.corpus_path)
 
 

@@ -138,6 +138,17 @@ def tokenize_pieces(tokenizer: Any, pieces: list[Piece]) -> dict[str, list[int]]
     return {"token_ids": ids, "loss_mask": mask}
 
 
+def prepare_search_index(cfg: Any, *, progress: bool = True) -> str:
+    """The search index a config uses: `tools.search.index_dir`, else built (cached) from `data.corpus_path`
+    or the generated corpus, as `prepare_data` does for a run."""
+    if cfg.tools.search.index_dir:
+        return str(cfg.tools.search.index_dir)
+    cache = Path(cfg.model.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    corpus_path, _ = _corpus(cfg, cache)
+    return str(_index(cfg, corpus_path, cache, progress=progress))
+
+
 def prepare_data(cfg: Any, *, progress: bool = True) -> PreparedData:
     from tepo_ray.models.tiny import ensure_model
 
