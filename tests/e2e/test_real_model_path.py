@@ -52,12 +52,17 @@ def test_two_fsdp_ranks_vllm_chat_template_collective_resume_export(tmp_path: Pa
     assert tok.chat_template and all(len(tok.encode(t, add_special_tokens=False)) > 1
                                      for t in ("<python>", "</python>", "<answer>", "</answer>"))
     run_dir = tmp_path / "run"
+    # the question the chat model was trained on (sampled at T=1 it answers right or wrong: a learning signal)
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps({"id": f"q{i}", "question": "What is 412 * 37?", "answers": ["15244"],
+                                              "task_type": "math"}) + "\n" for i in range(16)))
     overrides = [
         f"model.path={chat.model_dir}", "model.dtype=float32", f"model.cache_dir={tmp_path / 'cache'}",
         f"prompt.system_prompt_path={chat.system_prompt_file}", "prompt.use_chat_template=true",
-        "data.task=arithmetic", "data.num_train=64", "data.num_eval=0", "trainer.sft_steps=0",
+        "data.task=jsonl", f"data.train_path={train_file}", "data.num_train=16", "data.num_eval=0",
+        "trainer.sft_steps=0",
         "engine.name=vllm", "engine.max_new_tokens=96", "engine.max_turn_tokens=48", "engine.max_turns=2",
-        "engine.max_context=256", "engine.temperature=0.7",
+        "engine.max_context=256", "engine.temperature=1.0",
         "topology.learner.replicas=2", "topology.learner.num_cpus=0.25", "topology.generators.replicas=1",
         "topology.generators.num_cpus=0.5", "topology.scorers.replicas=1", "topology.scorers.num_cpus=0.25",
         "tools.python.workers=1", "tools.python.min_workers=1", "tools.python.max_workers=1",
@@ -80,6 +85,7 @@ def test_two_fsdp_ranks_vllm_chat_template_collective_resume_export(tmp_path: Pa
         assert [r["learner/step"] for r in recs] == [1.0, 2.0]
         assert [r["policy_version"] for r in recs] == [1, 2]
         assert all(r["learner/tokens_trained"] > 0 for r in recs)
+        assert any(r["learner/grad_norm"] > 0 for r in recs), "no learning signal: every sample scored the same"
         # the chat model called the Python tool: the multi-token `</python>` stop string ended turns in vLLM
         assert sum(r["tools/calls_per_traj"] for r in recs) > 0, recs
         assert _weight_files(run_dir) == [], "a weight file was written: the transport must be the collective"
