@@ -61,7 +61,7 @@ def tools_serve(config: Path = typer.Argument(..., help="YAML config (its tools.
 
     import ray
 
-    from tepo_ray.data.world import prepare_search_index
+    from tepo_ray.prepare import prepare_search_index
     from tepo_ray.tool_pools import SERVICE_NAMESPACE, start_service
 
     cfg = _load(config, overrides or [])
@@ -146,7 +146,7 @@ def _demo_eval(cfg: Any, run_dir: Path) -> None:
     """SFT vs trained policy on the held-out split: a small table and the accuracy difference with its noise."""
     from rich.table import Table
 
-    from tepo_ray.data.world import prepare_data
+    from tepo_ray.prepare import prepare_data
     from tepo_ray.sweep import eval_policy, final_policy, paired_bootstrap
 
     sft_path = prepare_data(cfg, progress=False).model_path
@@ -193,7 +193,7 @@ def _demo_eval(cfg: Any, run_dir: Path) -> None:
 @app.command()
 def sft(config: Path = typer.Argument(...), overrides: List[str] = typer.Argument(None)) -> None:
     """SFT warm start on tool-use demonstrations (observations masked)."""
-    from tepo_ray.data.world import prepare_data
+    from tepo_ray.prepare import prepare_data
 
     cfg = _load(config, overrides or [])
     if cfg.trainer.sft_steps <= 0:

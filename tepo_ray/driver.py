@@ -60,7 +60,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tepo_ray.config import save_resolved, validate_resources
-from tepo_ray.data.world import PreparedData, prepare_data
+from tepo_ray.prepare import PreparedData, prepare_data
 from tepo_ray.metrics import TOOLS, K, MetricsLogger, call_stats, plot_run
 from tepo_ray.records import RecordError, Trajectory
 from tepo_ray.tool_pools import QUIET_ENV, PoolPlacement, owned_pools, start_tool_pools

@@ -202,7 +202,7 @@ def evaluate(cfg: DictConfig, *, model_path: str | None = None, datasets: Sequen
 
     from actors.entropy_scorer import EntropyScorerActor
     from actors.generation import GenerationWorker
-    from tepo_ray.data.world import prepare_data
+    from tepo_ray.prepare import prepare_data
     from tepo_ray.tool_pools import QUIET_ENV, owned_pools, start_tool_pools
 
     data_args = parse_data_args(datasets or [])

@@ -336,7 +336,7 @@ def run_pilot(cfg: Any, *, out_dir: str | Path, model_path: str | None = None, w
 
     from tepo_ray.agent import stop_token_ids
     from tepo_ray.algo import outcome_scores
-    from tepo_ray.data.world import prepare_data
+    from tepo_ray.prepare import prepare_data
     from tepo_ray.engines import make_engine
     from tepo_ray.rollout import AgentLoop, EngineBatcher
     from tepo_ray.tools.python_sandbox import PythonSandbox, format_observation

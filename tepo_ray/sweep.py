@@ -198,7 +198,7 @@ def run_sweep(cfg: DictConfig, *, out_dir: str | Path, address: str | None = Non
     import ray
 
     from tepo_ray.config import save_resolved, to_yaml
-    from tepo_ray.data.world import prepare_data
+    from tepo_ray.prepare import prepare_data
     from tepo_ray.driver import QUIET_ENV
 
     out = Path(out_dir).resolve()

@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     import torch
 
     from tepo_ray.config import load_config
-    from tepo_ray.data.world import prepare_data
+    from tepo_ray.prepare import prepare_data
     from tepo_ray.engines import vllm_available
 
     torch.set_num_threads(args.threads)

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     learner_kwargs = dict(train_delay_s=train_delay, delay_seed=0)
 
     # build (or reuse) the tiny model + SFT warm start before timing anything
-    from tepo_ray.data.world import prepare_data
+    from tepo_ray.prepare import prepare_data
 
     t0 = time.perf_counter()
     prepare_data(load_config([DEMO], common), progress=False)

@@ -23,7 +23,7 @@ def test_train_with_two_learner_ranks_then_export(tmp_path: Path, transport: str
 
     from tepo_ray.cli import app
     from tepo_ray.config import load_config
-    from tepo_ray.data.world import prepare_data
+    from tepo_ray.prepare import prepare_data
     from tepo_ray.driver import train
 
     started = not ray.is_initialized()

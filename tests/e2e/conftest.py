@@ -31,7 +31,7 @@ def ray_cluster():
 def tiny_overrides(e2e_cache, ray_cluster) -> list[str]:
     """Overrides for a tiny, fast run; the SFT warm start is built once here."""
     from tepo_ray.config import load_config
-    from tepo_ray.data.world import prepare_data
+    from tepo_ray.prepare import prepare_data
 
     overrides = [f"model.cache_dir={e2e_cache}", "logging.wandb_mode=offline"]
     cfg = load_config(CONFIG_FILES, overrides)

@@ -19,7 +19,7 @@ from e2e_configs import CONFIG_FILES
 def setup(tiny_overrides):
     from transformers import AutoTokenizer
 
-    from tepo_ray.data.world import prepare_data
+    from tepo_ray.prepare import prepare_data
     from tepo_ray.engines import make_engine
     from tepo_ray.tools.python_sandbox import PythonSandbox, format_observation
 

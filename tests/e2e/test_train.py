@@ -178,7 +178,7 @@ def test_eval_cli_reports_each_data_set_with_real_tools(tiny_overrides, tmp_path
     # No --data: the held-out split of the config.
     res = CliRunner().invoke(app, ["eval", str(cfg_path), "--out", str(out / "held")])
     assert res.exit_code == 0, res.output
-    from tepo_ray.data.world import prepare_data
+    from tepo_ray.prepare import prepare_data
 
     held = json.loads((out / "held" / "eval.json").read_text())["datasets"]["held_out"]
     items = prepare_data(load_config([cfg_path]), progress=False).eval_items

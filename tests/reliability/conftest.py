@@ -57,7 +57,7 @@ def ray_cluster():
 def tiny_overrides(rel_cache, ray_cluster) -> list[str]:
     """Overrides for a tiny, fast training run; the SFT warm start is built once here."""
     from tepo_ray.config import load_config
-    from tepo_ray.data.world import prepare_data
+    from tepo_ray.prepare import prepare_data
 
     overrides = [f"model.cache_dir={rel_cache}", "logging.wandb_mode=offline"]
     prepare_data(load_config(CONFIG_FILES, overrides), progress=False)

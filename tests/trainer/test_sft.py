@@ -185,7 +185,7 @@ def test_tepo_ray_sft_trains_a_model_path_on_chat_jsonl_and_train_starts_from_it
     from tepo_ray.agent.prompts import PromptBuilder
     from tepo_ray.cli import app
     from tepo_ray.config import load_config
-    from tepo_ray.data.world import prepare_data
+    from tepo_ray.prepare import prepare_data
     from tepo_ray.trainer.sft import load_chat_demonstrations
 
     root, model_dir, sft_file = chat_setup

@@ -1,5 +1,8 @@
 """Everything a run needs before actors start: corpus, search index, task splits, model, SFT warm start.
 
+It sits above `tepo_ray.data`, `tepo_ray.tools`, `tepo_ray.models` and `tepo_ray.trainer` (it uses all
+of them), next to the driver, eval, sweep and pilot that call `prepare_data` first.
+
 All of it is cached under `model.cache_dir`, keyed by the config that made it,
 so a second `make demo` reuses it. Nothing is downloaded: the corpus is
 generated (or read from `data.corpus_path`), the tokenizer is trained on the
