@@ -388,6 +388,17 @@ def resolve_job_paths(cfg: Any, *, base: Path) -> list[tuple[str, Optional[str],
     return changes
 
 
+def _submit_hint(exc: Exception, address: str) -> str:
+    """One line saying what to change after a refused submission (auth, address)."""
+    text = str(exc).lower()
+    if any(k in text for k in ("401", "403", "unauthorized", "unauthenticated", "auth", "token")):
+        return ("the cluster uses token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the head's "
+                "token> (or copy its ~/.ray/auth_token), as for `ray job submit`")
+    return (f"--address {address} is not a reachable Ray dashboard: pass the head's dashboard URL, "
+            f"e.g. --address http://HEAD:8265 (`ray start --head --dashboard-host=0.0.0.0` serves it; port 8265 "
+            f"by default), or set RAY_ADDRESS")
+
+
 @app.command()
 def submit(config: Path = typer.Argument(...), overrides: List[str] = typer.Argument(None),
            address: str = typer.Option(..., help="Ray dashboard address, e.g. http://HEAD:8265"),
@@ -440,8 +451,8 @@ def submit(config: Path = typer.Argument(...), overrides: List[str] = typer.Argu
                 metadata={"tepo_ray": "train", "config": str(config)},
             )
         except (ConnectionError, RuntimeError, ValueError, RayError) as exc:
-            err_console.print(f"[red]cannot submit to {address}:[/red] {type(exc).__name__}: {exc}",
-                              highlight=False)
+            err_console.print(f"[red]cannot submit to {address}:[/red] {type(exc).__name__}: {exc}\n"
+                              f"[bold]what to set:[/bold] {_submit_hint(exc, address)}", highlight=False)
             raise typer.Exit(3) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)

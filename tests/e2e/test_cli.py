@@ -184,6 +184,7 @@ def test_submit_to_an_unreachable_dashboard_exits_3_naming_it():
     res = tepo_ray("submit", DEMO, "--address", address, timeout=60)
     assert res.returncode == 3, (res.stdout, res.stderr)
     assert f"cannot submit to {address}" in res.stderr and "Traceback" not in res.stderr
+    assert "what to set:" in res.stderr and "--address http://HEAD:8265" in res.stderr
 
 
 def test_submit_checks_the_config_before_contacting_the_cluster():
@@ -225,3 +226,11 @@ def test_resolve_job_paths_resolves_a_local_model_dir(tmp_path):
     changes = resolve_job_paths(cfg, base=tmp_path)
     assert cfg.model.path == str(tmp_path / "ckpt" / "sft")
     assert [k for k, _, _ in changes] == ["model.path"]  # absolute values are left alone
+
+
+def test_submit_hint_names_the_token_settings_on_an_auth_refusal():
+    from tepo_ray.cli import _submit_hint
+
+    hint = _submit_hint(RuntimeError("Request failed with status code 401: Unauthorized"), "http://h:8265")
+    assert "RAY_AUTH_MODE=token" in hint and "RAY_AUTH_TOKEN" in hint
+    assert "--address" in _submit_hint(ConnectionError("Failed to connect to Ray at address: http://h:1"), "x")
