@@ -127,7 +127,19 @@ class GenerationWorker:
 
     def _receive_now(self, update: dict[str, Any], version: int) -> None:
         with self._engine_lock:  # waits for the engine call in progress
-            self.engine.update_weights(update, version=version)
+            try:
+                self.engine.update_weights(update, version=version)
+            except Exception as exc:
+                # keep the group in step: a rank living in this process (an in-process engine) that failed
+                # before it took the buckets takes and drops them now (a no-op when its ranks live in other
+                # processes, or when it already received); the failure is counted and reported to the driver
+                from tepo_ray.weights import WeightUpdate
+                from tepo_ray.weights.collective import drain_unreceived
+
+                self.batcher.weight_load_failures += 1
+                self.batcher.last_weight_load_error = f"{type(exc).__name__}: {exc}"
+                drain_unreceived(WeightUpdate.from_dict(update))
+                raise
         self.weight_loads += 1
 
     def _apply_pending(self) -> None:

@@ -32,6 +32,7 @@ SECTIONS = {
     "test_bad_input.py": "Bad data and model output",
     "test_sandbox_memory_cap.py": "Sandbox: total-memory cap across a snippet's processes",
     "test_sandbox_abuse_pool.py": "Sandbox: abusive snippets through the Ray tool pool, concurrently",
+    "test_driver_kill.py": "Driver SIGKILL during training, then --resume",
 }
 
 

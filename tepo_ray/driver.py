@@ -349,9 +349,37 @@ class Driver:
         if not self.recovering:  # otherwise _poll_recovering re-forms once the actor is back
             ray.wait(self.weight_sends, num_returns=len(self.weight_sends), timeout=float(self.cfg.weights.timeout_s))
             self.weight_sends = []
+            self._reform_and_resend()
+
+    def _reform_and_resend(self) -> None:
+        """Form the weight group again and re-send the current version, described for the NEW group (an
+        update names its group). A receiver that is restarting is marked so (`_poll_recovering` forms the
+        group once it is back); a step in flight publishes the next version to everyone anyway."""
+        import ray
+
+        try:
             self._form_weight_group()
-            if self.weight_update is not None and self.version > 0 and not self._training:
-                self._publish(self.weight_update)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                ray.exceptions.GetTimeoutError) as exc:
+            down = 0
+            for role in ("generator", "scorer"):
+                for i, actor in enumerate(self._actors(role)):
+                    ready, _ = ray.wait([actor.ready.remote()], timeout=5)
+                    try:
+                        ray.get(ready) if ready else None
+                    except ray.exceptions.RayError:
+                        ready = []
+                    if not ready:
+                        if (role, i) not in self.recovering:
+                            self.counters[K.RESTARTS] += 1  # died during the broadcast
+                        self._mark_recovering(role, i)
+                        down += 1
+            if not down:
+                raise RuntimeError(f"forming the weight group failed with every receiver alive: {exc}") from None
+            return
+        if self.version > 0 and not self._training:
+            self.weight_update = ray.get(self.learner.weight_update.remote(), timeout=60)
+            self._publish(self.weight_update)
 
     def _start_learner(self, opts: Any, temperature: float) -> Any:
         """One learner actor, or with `topology.learner.replicas = N > 1` a `LearnerGroup` of N FSDP2 ranks
@@ -517,13 +545,15 @@ class Driver:
                     self.counters[K.SAMPLES_TRAINED] += sum(g.num_samples for g in train_batch)
                     skipped = _nonfinite_step(metrics)
                     consecutive_skips = consecutive_skips + 1 if skipped else 0
-                    if not skipped:  # a skipped (non-finite) step's weights equal the previous ones
-                        if self.collective:
-                            self.weight_update = update
-                            self._publish(update)
-                        else:
-                            for g in self._weight_generators():
-                                g.set_weights.remote(update["path"], version)
+                    # A skipped (non-finite) step publishes too: its weights equal the previous version's, but
+                    # generators must carry the new number, or their samples would all turn stale and the run
+                    # would stall before the consecutive-skip limit stops it.
+                    if self.collective:
+                        self.weight_update = update
+                        self._publish(update)
+                    else:
+                        for g in self._weight_generators():
+                            g.set_weights.remote(update["path"], version)
                     now = time.perf_counter()
                     in_flight = sum(g.num_samples for g in to_score + buffer) \
                         + sum(g.num_samples for g, _ in score_inflight.values())
@@ -648,11 +678,10 @@ class Driver:
                 continue
             del self.recovering[(role, index)]
             if self.collective:
-                self._form_weight_group()  # the restarted actor is a new process: every member joins again
-                # a step in flight publishes the next version to everyone anyway (the learner no longer
-                # holds this one by the time a send queued behind the step would run)
-                if self.weight_update is not None and self.version > 0 and not self._training:
-                    self._publish(self.weight_update)
+                if self.recovering:  # another receiver is still restarting: form the group once for all
+                    print(f"[tepo-ray] {role}-{index} is back")
+                    continue
+                self._reform_and_resend()  # the restarted actor is a new process: every member joins again
             elif role == "generator":
                 self._resend_weights(self.generators[index])
             print(f"[tepo-ray] {role}-{index} is back")

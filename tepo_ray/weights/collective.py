@@ -38,7 +38,12 @@ from tepo_ray.weights.group import get_group, leave
 from tepo_ray.weights.params import ParamMeta, iter_full_state, param_metadata
 from tepo_ray.weights.update import WeightUpdate
 
-__all__ = ["CollectiveTransport", "receive", "ReceivedWeights"]
+__all__ = ["CollectiveTransport", "receive", "ReceivedWeights", "drain_unreceived"]
+
+# (group name, version) of updates this process received to the end (or drained): a receiver whose load
+# failed before it took its buckets must still take them, and one that took them must not wait again.
+_RECEIVED: "dict[tuple[str, int], None]" = {}
+_RECEIVED_KEEP = 64
 
 
 class CollectiveTransport:
@@ -115,6 +120,10 @@ class ReceivedWeights:
         self.group.broadcast(buf)
         self.bytes += buf.numel()
         self._next_bucket += 1
+        if self._next_bucket == len(self._plan):
+            _RECEIVED[(self.group.info.name, int(self.update.version))] = None
+            while len(_RECEIVED) > _RECEIVED_KEEP:
+                _RECEIVED.pop(next(iter(_RECEIVED)))
         return buf
 
     def _iter(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -155,3 +164,20 @@ def _drain_or_leave(weights: ReceivedWeights) -> None:
     except Exception:
         leave(weights.group.info.name)
         raise
+
+
+def drain_unreceived(update: WeightUpdate) -> bool:
+    """Take (and drop) every bucket of `update` unless this process already received it; True when it drained.
+
+    For a receiver whose load failed before it started receiving (the update must still be taken, or the
+    sender and every other receiver wait until `weights.timeout_s`). Only for a process that is itself the
+    rank (an in-process engine or a scorer), never for one whose ranks live in other processes."""
+    if not update.group or (update.group, int(update.version)) in _RECEIVED:
+        return False
+    try:
+        get_group(update.group)
+    except RuntimeError:
+        return False  # not a member: nothing to keep in step
+    with receive(update):
+        pass  # the context drains every bucket
+    return True

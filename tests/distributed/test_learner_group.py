@@ -56,7 +56,8 @@ def test_two_rank_group_trains_like_one_learner(tiny_model: str, tmp_path: Path)
         assert [(i["rank"], i["world_size"]) for i in infos] == [(0, 2), (1, 2)]
         assert len({i["pid"] for i in infos}) == 2
 
-        metrics, path, version = ray.get(group.train_step_and_publish.remote(copy.deepcopy(batch)), timeout=300)
+        metrics, update, version = ray.get(group.train_step_and_publish.remote(copy.deepcopy(batch)), timeout=300)
+        path = update["path"]  # no weights_cfg: the file transport
         ckpt = ray.get(group.save_checkpoint.remote({"cursor": 1}), timeout=300)
     finally:
         if group is not None:
