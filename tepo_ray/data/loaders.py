@@ -118,8 +118,10 @@ def load_dataset(name: str | LoaderName, path: str | Path, *, fields: Mapping[st
 
 
 # --------------------------------------------------------------------------- readers
-def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, record) per non-empty line; a bad line raises naming file:line."""
+def iter_jsonl_objects(path: Path, *, error: type[Exception] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """("file:line", object) per non-empty line; a line that is not a JSON object raises `error`
+    (default `DatasetError`) naming file:line. Shared by the data-set loaders and SFT's chat jsonl."""
+    error = error or DatasetError
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -128,9 +130,9 @@ def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DatasetError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+                raise error(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(obj, dict):
-                raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                raise error(f"{where}: expected a JSON object, got {type(obj).__name__}")
             yield where, obj
 
 
@@ -174,7 +176,7 @@ def _parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def _records(path: Path, *, allowed: tuple[str, ...]) -> Iterator[tuple[str, dict[str, Any]]]:
-    kinds = {".jsonl": _jsonl, ".json": _json_array, ".csv": _csv, ".parquet": _parquet}
+    kinds = {".jsonl": iter_jsonl_objects, ".json": _json_array, ".csv": _csv, ".parquet": _parquet}
     suffix = path.suffix.lower()
     if suffix not in allowed:
         raise DatasetError(f"{path}: file type {suffix or '(none)'} not supported here; expected {'|'.join(allowed)}")

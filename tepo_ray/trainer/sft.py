@@ -77,24 +77,18 @@ def load_chat_demonstrations(path: str | Path, *, builder: Any) -> list[SFTExamp
     path = Path(path)
     if not path.is_file():
         raise SFTDataError(f"data.sft_path={str(path)!r}: no such file (expected chat-message jsonl)")
+    from tepo_ray.data.loaders import iter_jsonl_objects
+
     out: list[SFTExample] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SFTDataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict) or "messages" not in obj:
-                raise SFTDataError(f"{where}: expected an object with field 'messages' (a list of "
-                                   f"{{'role', 'content'}} messages)")
-            try:
-                ids, mask = encode_chat_example(builder, obj["messages"], where=where)
-            except ChatFormatError as exc:
-                raise SFTDataError(str(exc)) from None
-            out.append((ids, mask))
+    for where, obj in iter_jsonl_objects(path, error=SFTDataError):
+        if "messages" not in obj:
+            raise SFTDataError(f"{where}: expected an object with field 'messages' (a list of "
+                               f"{{'role', 'content'}} messages)")
+        try:
+            ids, mask = encode_chat_example(builder, obj["messages"], where=where)
+        except ChatFormatError as exc:
+            raise SFTDataError(str(exc)) from None
+        out.append((ids, mask))
     if not out:
         raise SFTDataError(f"{path}: no demonstrations (the file has no non-empty lines)")
     return out
