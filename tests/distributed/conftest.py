@@ -9,17 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
 
-from trainer_factories import build_tiny_qwen2  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(build_tiny_qwen2(tmp_path_factory.mktemp("tiny") / "model"))
-
-
-@pytest.fixture(scope="session")
-def tiny_tied_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(build_tiny_qwen2(tmp_path_factory.mktemp("tiny_tied") / "model", tie=True))
+from trainer_factories import tiny_model, tiny_tied_model  # noqa: E402,F401 (session fixtures)
 
 
 @pytest.fixture

@@ -5,17 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tepo_ray.config import AlgoConfig, TrainerConfig
-from trainer_factories import build_tiny_qwen2
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(build_tiny_qwen2(tmp_path_factory.mktemp("tiny") / "model"))
-
-
-@pytest.fixture(scope="session")
-def tiny_tied_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(build_tiny_qwen2(tmp_path_factory.mktemp("tiny_tied") / "model", tie=True))
+from trainer_factories import tiny_model, tiny_tied_model  # noqa: F401 (session fixtures)
 
 
 @pytest.fixture

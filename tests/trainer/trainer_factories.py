@@ -114,3 +114,17 @@ def make_group(
                             obs_lens=obs, version=version, seed=seed * 100 + j, score=s)
         )
     return out
+
+
+# Session fixtures shared by tests/trainer and tests/distributed (each conftest imports them).
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(build_tiny_qwen2(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(build_tiny_qwen2(tmp_path_factory.mktemp("tiny_tied") / "model", tie=True))
