@@ -44,18 +44,12 @@ CHATML_TEMPLATE = (
 
 
 def _train_chat_tokenizer(texts: list[str], *, vocab_size: int, model_max_length: int):
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from tepo_ray.models.tiny import QWEN2_PRETOKENIZE_REGEX
+    from tepo_ray.models.tiny import qwen2_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
+    tok = qwen2_bpe_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[CHAT_PAD, IM_START, IM_END],

@@ -91,8 +91,6 @@ _TAG_RE = re.compile("|".join(re.escape(t) for t in sorted(AGENT_TAGS + (EOS_TOK
 _QWEN2_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
-# Public name for other builders that need the same pre-tokeniser (tepo_ray.models.chat_testing).
-QWEN2_PRETOKENIZE_REGEX = _QWEN2_PRETOKENIZE_REGEX
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -143,20 +141,29 @@ def _check_arch(cfg: Any) -> None:
         raise ValueError(f"model.dtype={cfg.dtype!r} is invalid; expected one of {sorted(_DTYPES)}")
 
 
-def _train_tokenizer(texts: list[str], *, vocab_size: int, model_max_length: int):
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def qwen2_bpe_tokenizer():
+    """An untrained byte-level BPE `tokenizers.Tokenizer` with Qwen2's normaliser, pre-tokeniser and decoder.
+
+    Exactly the pipeline transformers' Qwen2Tokenizer rebuilds on load (AutoTokenizer forces that class
+    for model_type qwen2), so tokenizer.json and AutoTokenizer give the same ids. Digits are split one
+    per token by the regex. Used by the tiny model and the chat test model."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     tok = Tokenizer(models.BPE())
-    # Exactly the pipeline transformers' Qwen2Tokenizer rebuilds on load (AutoTokenizer forces that class
-    # for model_type qwen2), so tokenizer.json and AutoTokenizer give the same ids. Digits are split one
-    # per token by this regex.
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(_QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _train_tokenizer(texts: list[str], *, vocab_size: int, model_max_length: int):
+    from tokenizers import AddedToken, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = qwen2_bpe_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(AGENT_TAGS),
         special_tokens=[EOS_TOKEN, PAD_TOKEN],
