@@ -249,6 +249,8 @@ class PythonToolConfig:
     # (tepo_ray.tools.python_sandbox.NetworkMode; auto = the first of namespace, seccomp, audit that works).
     network_mode: str = "auto"
     prestarted: int = 2  # warm sandbox processes per worker
+    # Each snippet in its own PID namespace + /proc where the host allows it (root); PythonSandbox.ready() says.
+    pid_namespace: bool = True
 
     def __post_init__(self) -> None:
         _check(self.network_mode in ("auto", "namespace", "seccomp", "audit"), "tools.python.network_mode",

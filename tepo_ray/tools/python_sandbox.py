@@ -28,8 +28,10 @@ so a snippet runs at most once unless its server fails before starting it.
 Isolation levels (`PythonSandbox.ready()` reports what a machine got):
 * root host (CI, containers; the measured setup of DESIGN.md section 5): everything above; the snippet runs as
   a uid from `uid_base..uid_base+uid_count-1` that no one else uses, cannot signal or ptrace the host, cannot
-  read /proc/<host>/environ, cannot write anything that outlives the call. It can read world-readable files
-  and see other processes' command lines in /proc (no PID namespace).
+  read /proc/<host>/environ, cannot write anything that outlives the call. Each call also gets its own PID
+  namespace (`pid_namespace`, where the kernel allows it): the snippet is pid 1 there, /proc lists only its
+  own processes, it cannot name any other process, and everything it started dies with it. It can still read
+  world-readable files. (As pid 1 it ignores signals it sends itself without installing a handler.)
 * non-root host: no uid drop and no namespaces. `auto` picks the seccomp network filter, which also refuses
   kill()/tkill()/tgkill()/pidfd_open() aimed at the host, the fork server or -1, and ptrace/process_vm_*;
   RLIMIT_NPROC is set to the user's current process count + max_processes; cleanup kills the fork server's
@@ -535,6 +537,8 @@ class PythonSandbox:
             through a per-call cgroup (v2, or v1 where that is what the host mounts). Where no writable
             memory cgroup exists, only the per-process RLIMIT_AS applies; `ready()` reports which
             (`memory_cap`: "cgroup2" | "cgroup1" | "rlimit").
+        pid_namespace: give each call its own PID namespace and /proc where the host allows it (root with
+            mount isolation); `ready()` reports whether it did (`pid_namespace`: true | false).
     """
 
     def __init__(
@@ -558,6 +562,7 @@ class PythonSandbox:
         start_timeout_s: float = 60.0,
         grace_s: float = 3.0,
         total_memory_mb: int | None = None,
+        pid_namespace: bool = True,
     ) -> None:
         _require(timeout_s > 0, "timeout_s", timeout_s, "> 0 seconds")
         _require(cpu_time_s >= 1, "cpu_time_s", cpu_time_s, ">= 1 second (integer)")
@@ -599,6 +604,7 @@ class PythonSandbox:
             "preload": list(preload),
             "total_memory_mb": int(total_memory_mb if total_memory_mb is not None else memory_mb),
             "protected_pids": sorted({os.getpid(), os.getpgrp()}),
+            "pid_namespace": bool(pid_namespace),
         }
         self._pool = _Pool(python=sys.executable, config=config, prestarted=int(prestarted),
                            start_timeout_s=float(start_timeout_s))
@@ -620,6 +626,7 @@ class PythonSandbox:
             max_processes=cfg.max_processes, max_file_mb=cfg.max_file_mb, max_open_files=cfg.max_open_files,
             max_output_chars=cfg.max_output_chars, isolate_network=cfg.isolate_network,
             prestarted=cfg.prestarted, network_mode=getattr(cfg, "network_mode", NetworkMode.AUTO.value),
+            pid_namespace=getattr(cfg, "pid_namespace", True),
         )
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -693,7 +700,8 @@ class PythonSandbox:
 
     # ------------------------------------------------------------------------------------------- admin
     def ready(self) -> list[dict]:
-        """Start (if needed) and describe the idle warm servers: pid, uid, network, mount_isolation, seccomp."""
+        """Start (if needed) and describe the idle warm servers: pid, uid, network, mount_isolation, seccomp,
+        memory_cap, pid_namespace."""
         out = []
         for server in self._pool.take_idle():
             try:

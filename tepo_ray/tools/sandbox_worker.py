@@ -72,11 +72,14 @@ _TB_DEEP_FRAMES = 50
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _LIBC.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
 _LIBC.unshare.argtypes = [ctypes.c_int]
+_LIBC.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _LIBC.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWPID = 0x20000000
+MS_NOEXEC = 8
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 22, 36, 38
 SECCOMP_MODE_FILTER = 2
@@ -180,6 +183,10 @@ class SnippetCgroup:
 
 def _unshare(flags: int) -> None:
     _libc_call("unshare", flags)
+
+
+def _setns(fd: int, nstype: int) -> None:
+    _libc_call("setns", fd, nstype)
 
 
 def _mount(src: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
@@ -509,6 +516,9 @@ class _Server:
         self.network = self._setup_network(cfg["network_mode"])
         self.exposed = _interpreter_paths()  # {dir the uid cannot enter: [interpreter paths below it]}
         self.mount_isolation = self.is_root and self._probe_mounts()
+        self._pidns_fd: int | None = None  # this server's own PID namespace, to return to after each fork
+        self.pid_namespace = bool(self.mount_isolation and cfg.get("pid_namespace", True)
+                                  and self._probe_pid_namespace())
         self.memory_cap, self._cg_parent = ("rlimit", None)
         if cfg.get("total_memory_mb"):
             self.memory_cap, self._cg_parent = detect_memory_cgroup()
@@ -608,6 +618,52 @@ class _Server:
             shutil.rmtree(probe, ignore_errors=True)
         return ok
 
+    def _probe_pid_namespace(self) -> bool:
+        """Can each snippet get its own PID namespace (it is pid 1 there and /proc shows only its processes)?"""
+        try:
+            self._pidns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            print(f"tepo sandbox: no PID namespace ({exc})", file=sys.stderr)
+            return False
+        probe = tempfile.mkdtemp(prefix="probe_", dir=self.work_root)
+        try:
+            try:
+                pid = self._fork_snippet()
+            except OSError as exc:
+                print(f"tepo sandbox: no PID namespace ({exc})", file=sys.stderr)
+                os.close(self._pidns_fd)
+                self._pidns_fd = None
+                return False
+            if pid == 0:
+                try:
+                    self._isolate_mounts(probe, new_proc=True)
+                    visible = {e for e in os.listdir("/proc") if e.isdigit()}
+                    os._exit(0 if os.getpid() == 1 and visible == {"1"} else 1)
+                except BaseException as exc:  # noqa: BLE001
+                    print(f"tepo sandbox: no PID namespace ({exc})", file=sys.stderr)
+                    os._exit(1)
+            ok = os.waitpid(pid, 0)[1] == 0
+        finally:
+            shutil.rmtree(probe, ignore_errors=True)
+        if not ok:
+            os.close(self._pidns_fd)
+            self._pidns_fd = None
+        return ok
+
+    def _fork_snippet(self) -> int:
+        """fork(); with a PID namespace the child is pid 1 of a new one (and its processes die with it)."""
+        if self._pidns_fd is None:
+            return os.fork()
+        _unshare(CLONE_NEWPID)  # applies to the children this process creates next, not to itself
+        try:
+            pid = os.fork()
+        except BaseException:
+            _setns(self._pidns_fd, CLONE_NEWPID)
+            raise
+        if pid != 0:  # back to our own namespace for children, so the next call can unshare a fresh one
+            _setns(self._pidns_fd, CLONE_NEWPID)
+        return pid
+
     def _check_interpreter_readable(self) -> None:
         """Root mode: a snippet runs as an unprivileged uid and must still be able to import the stdlib."""
         stdlib = os.path.dirname(os.__file__)
@@ -635,8 +691,9 @@ class _Server:
                 f"(mount isolation: {self.mount_isolation}); install Python world-readable or run the host as "
                 f"a non-root user")
 
-    def _isolate_mounts(self, workdir: str) -> None:
-        """Child only: private /tmp, /var/tmp, /dev/shm (tmpfs), read-only /, work dir writable at the same path.
+    def _isolate_mounts(self, workdir: str, *, new_proc: bool = False) -> None:
+        """Child only: private /tmp, /var/tmp, /dev/shm (tmpfs), read-only /, work dir writable at the same path,
+        and with `new_proc` (the child is in its own PID namespace) a /proc that shows only that namespace.
 
         Directories the sandbox uid could not enter but that hold the interpreter (e.g. a pyenv Python under
         /root, mode 0700) are replaced by an empty tmpfs into which only the interpreter's dirs are bind-mounted
@@ -672,13 +729,16 @@ class _Server:
             if not same:
                 os.makedirs(workdir, exist_ok=True)
                 _mount(f"/proc/self/fd/{fd}", workdir, None, MS_BIND)
+            if new_proc:  # last: the bind mounts above go through the host's /proc/self/fd
+                _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         finally:
             os.close(fd)
 
     def info(self) -> dict:
         return {"type": "ready", "pid": self.pid, "uid": self.uid, "network": self.network,
                 "mount_isolation": self.mount_isolation, "drop_privileges": self.is_root,
-                "seccomp": self.seccomp is not None, "memory_cap": self.memory_cap}
+                "seccomp": self.seccomp is not None, "memory_cap": self.memory_cap,
+                "pid_namespace": self.pid_namespace}
 
     # ---------------------------------------------------------------- one call
     def run(self, code: bytes, timeout_s: float, out_fd: int) -> dict:
@@ -700,7 +760,7 @@ class _Server:
                       file=sys.stderr)
                 self.memory_cap, self._cg_parent = "rlimit", None
         t0 = time.monotonic()
-        pid = os.fork()
+        pid = self._fork_snippet()
         if pid == 0:  # ----------------------------------------------------------- child, never returns
             try:
                 _child_main(self, code, workdir, out_w, err_w, st_w, cgroup=cgroup)
@@ -766,6 +826,10 @@ class _Server:
             cgroup.remove()
         exit_code = os.waitstatus_to_exitcode(wstatus)
         text = status.decode("utf-8", "replace")
+        if self.pid_namespace:
+            text, snippet_signal = split_signal_trailer(text)
+            if snippet_signal is not None and not timed_out:
+                exit_code = -snippet_signal
         setup_error = text[len("setup_error:"):] if text.startswith("setup_error:") else None
         o, e = caps[out_r], caps[err_r]
         return {
@@ -806,7 +870,7 @@ def _child_main(server: _Server, code: bytes, workdir: str, out_w: int, err_w: i
         os.closerange(_STATUS_FD + 1, max(os.sysconf("SC_OPEN_MAX"), 4096))
         os.set_inheritable(_STATUS_FD, False)
         if server.mount_isolation:
-            server._isolate_mounts(workdir)
+            server._isolate_mounts(workdir, new_proc=server.pid_namespace)
         os.chdir(workdir)
         os.environ.clear()
         os.environ.update({
@@ -815,7 +879,7 @@ def _child_main(server: _Server, code: bytes, workdir: str, out_w: int, err_w: i
             "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg",
         })
         tempfile.tempdir = None
-        nproc = int(cfg["max_processes"])
+        nproc = int(cfg["max_processes"])  # with a PID namespace its init (pid 1) counts as one of them
         if server.uid is None:  # RLIMIT_NPROC counts every process of the (shared) uid, this one included
             nproc += _count_own_processes() - 1
         mb = 1 << 20
@@ -834,8 +898,14 @@ def _child_main(server: _Server, code: bytes, workdir: str, out_w: int, err_w: i
             os.setresuid(server.uid, server.uid, server.uid)
         _prctl(PR_SET_NO_NEW_PRIVS, 1)
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after setuid: credential changes reset it
-        if os.getppid() != server.pid:
+        # The server died before PDEATHSIG was armed? (In a PID namespace getppid() is 0 whoever the parent
+        # is, so there only the status pipe tells: its reader, held by the server alone, is gone.)
+        if (not server.pid_namespace and os.getppid() != server.pid) or _reader_gone(_STATUS_FD):
             os._exit(_SETUP_FAIL_EXIT)
+        if server.pid_namespace:
+            snippet = os.fork()
+            if snippet != 0:
+                _pid1_main(snippet)  # this process is the namespace's init; the snippet runs in its child (pid 2)
         if server.seccomp is not None:
             _install_seccomp(server.seccomp[0])
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -847,6 +917,51 @@ def _child_main(server: _Server, code: bytes, workdir: str, out_w: int, err_w: i
         finally:
             os._exit(_SETUP_FAIL_EXIT)
     _run_user_code(code, workdir)
+
+
+_SIGNAL_TRAILER = "\n#signal:"
+
+
+def _pid1_main(snippet: int) -> None:
+    """pid 1 of a snippet's PID namespace: reap, and when the snippet (its first child) ends, report how and exit.
+
+    The kernel shields a namespace's init from signals it has no handler for, so the snippet itself must not
+    be pid 1 (SIGXCPU, or a signal it sends itself, would be ignored). A snippet killed by signal N is reported
+    as a trailer on the status pipe (this process cannot die by that signal itself); exiting kills whatever
+    the snippet left running in the namespace.
+    """
+    try:
+        for fd in (0, 1, 2):
+            os.close(fd)
+        wstatus = 0
+        while True:  # reap orphans too, until the snippet itself is gone
+            try:
+                pid, wstatus = os.wait()
+            except ChildProcessError:
+                break
+            if pid == snippet:
+                break
+        code = os.waitstatus_to_exitcode(wstatus)
+        if code < 0:
+            os.write(_STATUS_FD, f"{_SIGNAL_TRAILER}{-code}".encode())
+            os._exit(128 - code)
+        os._exit(code & 0xFF)
+    finally:
+        os._exit(_SETUP_FAIL_EXIT)
+
+
+def split_signal_trailer(status: str) -> tuple[str, int | None]:
+    """(status text, signal that killed the snippet) from what a PID-namespace init appended to the status."""
+    head, sep, tail = status.rpartition(_SIGNAL_TRAILER)
+    if sep and tail.isdigit():
+        return head, int(tail)
+    return status, None
+
+
+def _reader_gone(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(ev & select.POLLERR for _, ev in poller.poll(0))
 
 
 def _count_own_processes() -> int:

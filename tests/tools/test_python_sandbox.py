@@ -247,15 +247,23 @@ def test_fork_bomb_is_capped_and_fully_killed():
         assert sandbox.run("print('alive')").stdout == "alive\n"
 
 
+def _pids_running(cmdline: bytes) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and Path(f"/proc/{entry}/cmdline").read_bytes() == cmdline:
+                found.append(int(entry))
+        except OSError:
+            pass
+    return found
+
+
 def test_background_processes_die_with_the_snippet(sb):
-    res = sb.run("import subprocess\np = subprocess.Popen(['sleep', '60'], start_new_session=True)\nprint(p.pid)")
+    marker = f"{60 + os.getpid() % 1000}.{uuid.uuid4().int % 10 ** 6}"  # a sleep only this test starts
+    res = sb.run(f"import subprocess\np = subprocess.Popen(['sleep', '{marker}'], start_new_session=True)\n"
+                 "print(p.pid)")
     assert res.error is None
-    pid = int(res.stdout)
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        cmdline = b""
-    assert cmdline != b"sleep\x0060\x00", "the detached child outlived the snippet"
+    assert _pids_running(f"sleep\x00{marker}\x00".encode()) == [], "the detached child outlived the snippet"
     _assert_clean(sb)
 
 
@@ -432,9 +440,13 @@ def test_network_allowed_when_isolation_is_off():
 
 def test_cannot_kill_host_or_server(sb):
     server_pids = sorted(sb.worker_pids())
+    # In its own PID namespace the snippet is pid 1 and getppid() is 0 (itself and its group): name the
+    # server, the host and the host's group by their real pids instead.
+    pidns = all(info["pid_namespace"] for info in sb.ready())
+    targets = [*server_pids, os.getpid(), -os.getpgrp()] + ([] if pidns else ["os.getppid()", 1])
     res = sb.run(
         "import os, signal\n"
-        f"for pid in (os.getppid(), {os.getpid()}, -{os.getpgrp()}, 1):\n"
+        f"for pid in ({', '.join(map(str, targets))}):\n"
         "    try:\n        os.kill(pid, signal.SIGKILL)\n        print('killed', pid)\n"
         "    except OSError as e:\n        print('denied', pid, e.errno)\n")
     assert res.error is None, res
