@@ -14,6 +14,9 @@ Each is the real actor class with one injected behaviour, named as such:
   `train_delay_s` (plus an optional log-normal jitter), to emulate a larger
   learner; the sleep is counted in `learner/step_time_s` (the step took that
   long) and reported on its own as `faults/injected_train_delay_s`.
+
+The reliability injectors below (failing weight loads, engine faults, kills, slow stats, NaN losses, a full
+disk or a stalled write during a checkpoint) are used by `tests/reliability`.
 """
 
 from __future__ import annotations
@@ -234,3 +237,33 @@ class DiskFullCheckpointLearnerWorker(LearnerWorker):
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
 
         return self.learner.save_checkpoint(extra, on_file_written=disk_full)
+
+
+class StallingCheckpointLearnerWorker(LearnerWorker):
+    """Its `stall_at`-th checkpoint write stops after the first entry is written: it creates `marker` (holding
+    the temporary checkpoint directory being written) and sleeps `stall_s`, so a test can SIGKILL the run
+    while that write is half done."""
+
+    def __init__(self, model_path: str, *, marker: str, stall_at: int = 3, stall_s: float = 600.0,
+                 **kwargs: Any):
+        super().__init__(model_path, **kwargs)
+        self.marker, self.stall_at, self.stall_s = marker, int(stall_at), float(stall_s)
+        self.checkpoint_writes = 0
+
+    def save_checkpoint(self, extra: dict[str, Any] | None = None) -> str:
+        self.checkpoint_writes += 1
+        if self.checkpoint_writes != self.stall_at:
+            return super().save_checkpoint(extra)
+        stalled = False
+
+        def stall(entry: str) -> None:
+            nonlocal stalled
+            if stalled:
+                return
+            stalled = True
+            ckpt_dir = Path(self.learner.checkpoint_dir)
+            partial = sorted(str(p) for p in ckpt_dir.glob(".tmp-step_*"))
+            Path(self.marker).write_text("\n".join([entry, *partial]))
+            time.sleep(self.stall_s)
+
+        return self.learner.save_checkpoint(extra, on_file_written=stall)

@@ -31,8 +31,9 @@ SECTIONS = {
     "test_bad_config.py": "Bad configs: fail in load_config, before any actor, naming key and fix",
     "test_bad_input.py": "Bad data and model output",
     "test_sandbox_memory_cap.py": "Sandbox: total-memory cap across a snippet's processes",
+    "test_sandbox_pid_namespace.py": "Sandbox: a PID namespace per snippet",
     "test_sandbox_abuse_pool.py": "Sandbox: abusive snippets through the Ray tool pool, concurrently",
-    "test_driver_kill.py": "Driver SIGKILL during training, then --resume",
+    "test_driver_kill.py": "Driver SIGKILL during training and inside a checkpoint write, then --resume",
 }
 
 

@@ -315,6 +315,7 @@ def test_submit_without_the_cluster_token_is_refused_clearly(cluster: Cluster, t
     assert res.returncode == 3, res.stdout + res.stderr
     assert f"cannot submit to {cluster.dashboard}" in res.stderr
     assert "Authentication" in res.stderr and "RAY_AUTH_TOKEN" in res.stderr
+    assert "what to set:" in res.stderr and "RAY_AUTH_MODE=token" in res.stderr  # the fix, not just the error
     assert "Traceback" not in res.stderr
 
 
