@@ -120,10 +120,16 @@ def train(config: Path = typer.Argument(..., help="YAML config"),
     if resume is not None and not resume.is_dir():
         console.print(f"[red]--resume {resume}: not a directory[/red]")
         raise typer.Exit(2)
+    from tepo_ray.data.tasks import TaskError
+
     cfg = _load(config, overrides or [])
     if resume is not None and (resume / "config.yaml").exists() and not overrides:
         cfg = _load(resume / "config.yaml", [])
-    summary = run_train(cfg, resume=str(resume) if resume else None, address=address)
+    try:
+        summary = run_train(cfg, resume=str(resume) if resume else None, address=address)
+    except TaskError as exc:  # bad or missing training data: one line naming the key, before any actor starts
+        err_console.print(f"[red]data error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     _print_summary(summary)
 
 
@@ -203,12 +209,13 @@ def sft(config: Path = typer.Argument(...), overrides: List[str] = typer.Argumen
         err_console.print(f"[red]config error:[/red] model.path={cfg.model.path} is set but data.sft_path is null; "
                           f"give the demonstrations as chat-message jsonl: data.sft_path=FILE.jsonl", highlight=False)
         raise typer.Exit(2)
+    from tepo_ray.data.tasks import TaskError
     from tepo_ray.trainer.sft import SFTDataError
 
     try:
         data = prepare_data(cfg, progress=cfg.logging.progress)
-    except (SFTDataError, FileNotFoundError) as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+    except (SFTDataError, FileNotFoundError, TaskError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     console.print(f"[bold green]SFT checkpoint:[/bold green] {data.model_path}")
     console.print("`tepo-ray train` with this config starts from it (cached by config); or set "

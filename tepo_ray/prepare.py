@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tepo_ray.data.tasks import DEMO_VERSION, Piece, demonstration, make_items, render_prompt
+from tepo_ray.data.tasks import DEMO_VERSION, Piece, TaskError, demonstration, make_items, render_prompt
 
 __all__ = ["PreparedData", "prepare_data", "tokenize_pieces", "build_demonstrations"]
 
@@ -79,9 +79,19 @@ def _split_items(cfg: Any, world: Any) -> tuple[list[dict[str, Any]], list[dict[
             world, n=n - n1, seed=seed)
 
     fmt = dict(format=d.format, fields=d.jsonl_fields)
-    train = make_items(task=d.task, n=d.num_train, seed=d.seed, path=d.train_path, multihop_source=multihop, **fmt)
-    eval_ = make_items(task=d.task, n=d.num_eval, seed=d.seed + 10_000, path=d.eval_path or d.train_path,
-                       multihop_source=multihop, **fmt) if d.num_eval else []
+
+    def items(key: str, path: str | None, n: int, seed: int) -> list[dict[str, Any]]:
+        try:
+            return make_items(task=d.task, n=n, seed=seed, path=path, multihop_source=multihop, **fmt)
+        except TaskError as exc:
+            if d.task != "jsonl" or not path:
+                raise
+            raise type(exc)(f"{key}: {exc}; set {key} to a readable {d.format}-format file on the machine that "
+                            f"runs the driver (with `tepo-ray submit`: a path on the cluster)") from None
+
+    train = items("data.train_path", d.train_path, d.num_train, d.seed)
+    eval_key = "data.eval_path" if d.eval_path else "data.train_path"
+    eval_ = items(eval_key, d.eval_path or d.train_path, d.num_eval, d.seed + 10_000) if d.num_eval else []
     seen = {it["question"] for it in train}
     # Held-out = unseen questions; items that need no tool (one-digit sums, too few to hold out) stay, so the
     # held-out split also measures calls made where none is needed.

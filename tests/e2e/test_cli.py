@@ -171,6 +171,21 @@ def test_index_build_on_a_missing_corpus_fails_clearly(tmp_path):
     assert not out.exists(), "a failed build left an index directory behind"
 
 
+@pytest.mark.parametrize("key", ["data.train_path", "data.eval_path"])
+def test_train_on_a_missing_data_file_exits_2_naming_the_key(tmp_path, key):
+    """Before any actor or Ray starts: one line naming the config key, the file and what to set."""
+    missing = tmp_path / "no_such.jsonl"
+    good = tmp_path / "train.jsonl"
+    good.write_text('{"question": "1+1?", "answers": ["2"]}\n')
+    paths = {"data.train_path": good, "data.eval_path": good, key: missing}
+    res = tepo_ray("train", DEMO, "data.task=jsonl", *(f"{k}={v}" for k, v in paths.items()),
+                   f"logging.run_dir={tmp_path / 'run'}", "model.cache_dir=" + str(tmp_path / "cache"))
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    err = " ".join(res.stderr.split())
+    assert f"data error: {key}: {missing}: data file not found" in err, err
+    assert f"set {key} to a readable" in err and "Traceback" not in res.stderr
+
+
 def _closed_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

@@ -308,6 +308,7 @@ def test_submit_reports_a_failed_job(cluster: Cluster, e2e_cache: Path, tmp_path
     job_id = _job_id(res.stdout)
     assert f"job {job_id}: FAILED" in res.stdout
     assert str(missing) in res.stdout, "the job's own error did not reach the user"
+    assert "set data.train_path to a readable" in " ".join(res.stdout.split())  # ... saying what to set
 
 
 def test_submit_without_the_cluster_token_is_refused_clearly(cluster: Cluster, tmp_path: Path):
