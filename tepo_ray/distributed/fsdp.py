@@ -13,7 +13,7 @@ Contract of `shard_policy(policy, param_dtype=, reduce_dtype=)`:
   (bf16 on GPU), gradients reduced in `reduce_dtype` (fp32), sharded params and
   optimizer state stay fp32.
 * afterwards every parameter of `policy.model` is a DTensor with its original
-  name (so `params.iter_full_state(policy.model)` yields HF names), and
+  name (so `tepo_ray.weights.params.iter_full_state(policy.model)` yields HF names), and
   `policy.model.state_dict()` is the sharded state DCP checkpoints.
 """
 

@@ -51,7 +51,7 @@ from tepo_ray import algo
 from tepo_ray.distributed import process_group
 from tepo_ray.distributed.checkpoint import DCP_DIR, is_sharded_checkpoint, load_dcp
 from tepo_ray.distributed.device import select_device
-from tepo_ray.distributed.params import full_state_dict
+from tepo_ray.weights.params import full_state_dict
 from tepo_ray.metrics import call_stats
 from tepo_ray.records import RecordError, Trajectory
 from tepo_ray.trainer.batching import (

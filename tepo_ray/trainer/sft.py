@@ -285,7 +285,7 @@ def sft_train(
         "out_dir": str(out_dir),
     }
     if sharded:  # every rank takes part in gathering the shards; rank 0 writes the model dir
-        from tepo_ray.distributed.params import full_state_dict
+        from tepo_ray.weights.params import full_state_dict
 
         state = full_state_dict(model, device="cpu")
         if rank == 0:

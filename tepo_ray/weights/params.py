@@ -1,20 +1,24 @@
 """The learner's full weights as (HF name, tensor) pairs, in a fixed order.
 
-`iter_full_state(model)` is the one function a weight transport reads the
-learner through. It handles a plain `nn.Module` and an FSDP2-sharded one (each
-DTensor is gathered with `full_tensor()`, a collective on every learner rank).
+`iter_full_state(model)` is the one reader of a (plain or FSDP2-sharded) model's full state: weight
+transports, checkpoints' safetensors, exports and SFT outputs all go through it. Each DTensor entry is
+gathered with `full_tensor()`, a collective: with FSDP2 every learner rank must iterate to the end, in
+the same order (all ranks get the full tensors; typically only rank 0 uses them).
 
 Contract:
-* names are the model's `state_dict()` keys (Hugging Face names, persistent
-  buffers included, non-persistent buffers such as rotary `inv_freq` excluded),
-  in `state_dict()` order, identical on every call;
-* an entry that aliases an earlier one (tied weights: `lm_head.weight` with
-  `tie_word_embeddings`) is not yielded — receivers re-tie it (HF models share
-  the parameter; vLLM skips `lm_head.weight` for tied models), which saves a
-  vocab x hidden tensor per sync (22% of Qwen2-0.5B's bytes);
-* every tensor is detached and contiguous, on the model's device;
-* tensors are yielded one at a time, so a caller that packs them into bounded
-  buckets never holds more than a bucket plus one tensor.
+* names are the model's `state_dict()` keys (Hugging Face names when `model` is the HF *ForCausalLM,
+  persistent buffers included, non-persistent buffers such as rotary `inv_freq` excluded), in
+  `state_dict()` order, identical on every call;
+* `tied="skip"` (for transports): an entry that aliases an earlier one (tied weights: `lm_head.weight`
+  with `tie_word_embeddings`) is not yielded -- receivers re-tie it (HF models share the parameter; vLLM
+  skips `lm_head.weight` for tied models), which saves a vocab x hidden tensor per sync (22% of
+  Qwen2-0.5B's bytes); a yielded tensor may be the live parameter itself (no copy);
+* `tied="copy"` (for files and consumers that keep the tensors): every entry is yielded and each owns its
+  memory -- aliases and live parameters are cloned (safetensors and vLLM's `load_weights` refuse aliases);
+* `dtype` casts floating-point entries (fp32 master weights -> the generators' bf16), `device` moves them
+  (e.g. "cpu" off the accelerator); every tensor is detached and contiguous;
+* tensors are yielded one at a time, so a caller that packs them into bounded buckets never holds more
+  than a bucket plus one tensor.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["ParamMeta", "iter_full_state", "param_metadata", "load_named_tensors", "state_mismatch"]
+__all__ = ["ParamMeta", "iter_full_state", "full_state_dict", "param_metadata", "load_named_tensors",
+           "state_mismatch"]
 
 
 @dataclass(frozen=True)
@@ -67,42 +72,54 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _untied_state(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """state_dict entries, minus entries that view exactly the same memory as an earlier one (tied weights).
-    Sharded (DTensor) entries are compared by their local shard's memory."""
+def _state_entries(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """(name, tensor, aliases an earlier entry) for every state_dict entry. Tied weights view exactly the
+    same memory; sharded (DTensor) entries are compared by their local shard's memory."""
     seen: set[tuple[int, tuple[int, ...], str]] = set()
     for name, t in model.state_dict(keep_vars=False).items():
-        local = _local(t)
-        key = (local.data_ptr(), tuple(t.shape), str(t.dtype))
-        if t.numel() and key in seen:
-            continue
+        key = (_local(t).data_ptr(), tuple(t.shape), str(t.dtype))
+        alias = bool(t.numel()) and key in seen
         seen.add(key)
-        yield name, t
+        yield name, t, alias
 
 
 def _meta_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and t.is_floating_point() else t.dtype
 
 
-def iter_full_state(model: torch.nn.Module, *, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) for every untied entry of `model.state_dict()` (see module docstring).
+_TIED_MODES = ("skip", "copy")
 
-    A sharded (FSDP2 DTensor) entry is gathered with `full_tensor()`, a collective: every rank of the
-    learner group must iterate to the end in the same order. `dtype` casts floating-point entries
-    (fp32 master weights -> the generators' bf16)."""
-    for name, t in _untied_state(model):
-        t = t.detach()
-        if hasattr(t, "full_tensor"):
-            t = t.full_tensor()
-        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
-        yield name, (t if t.is_contiguous() else t.contiguous())
+
+def iter_full_state(model: torch.nn.Module, *, dtype: torch.dtype | None = None,
+                    device: str | torch.device | None = None, tied: str = "skip"
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for the entries of `model.state_dict()` (see the module docstring for `tied`)."""
+    if tied not in _TIED_MODES:
+        raise ValueError(f"iter_full_state(tied={tied!r}): expected one of {_TIED_MODES}")
+    for name, t, alias in _state_entries(model):
+        if alias and tied == "skip":
+            continue
+        src = t.detach()
+        full = src.full_tensor() if hasattr(src, "full_tensor") else src
+        if dtype is not None and full.is_floating_point() and full.dtype != dtype:
+            full = full.to(dtype)
+        if device is not None:
+            full = full.to(device)
+        if tied == "copy" and (alias or full.data_ptr() == _local(src).data_ptr()):
+            full = full.clone()  # an alias of the live parameter or of an entry already yielded
+        yield name, (full if full.is_contiguous() else full.contiguous())
+
+
+def full_state_dict(model: torch.nn.Module, **kwargs) -> dict[str, torch.Tensor]:
+    """Every entry, each owning its memory: `dict(iter_full_state(model, tied="copy", **kwargs))`
+    (collective under FSDP2: every rank must call it)."""
+    return dict(iter_full_state(model, tied="copy", **kwargs))
 
 
 def param_metadata(model: torch.nn.Module, *, dtype: torch.dtype | None = None) -> list[ParamMeta]:
     """`ParamMeta` of every tensor `iter_full_state(model, dtype=)` yields, in the same order (no copies made)."""
     return [ParamMeta(name, tuple(t.shape), str(_meta_dtype(t, dtype)).removeprefix("torch."))
-            for name, t in _untied_state(model)]
+            for name, t, alias in _state_entries(model) if not alias]
 
 
 def state_mismatch(model: torch.nn.Module, names: "set[str] | list[str]") -> str | None:

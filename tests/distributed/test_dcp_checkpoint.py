@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tepo_ray.config import AlgoConfig, TrainerConfig
-from tepo_ray.distributed.params import full_state_dict
+from tepo_ray.weights.params import full_state_dict
 from tepo_ray.trainer.checkpoint import list_checkpoints, load_latest
 from tepo_ray.trainer.learner import Learner
 from tepo_ray.trainer.scorer import EntropyScorer

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tepo_ray.config import AlgoConfig, TrainerConfig
-from tepo_ray.distributed.params import full_state_dict
+from tepo_ray.weights.params import full_state_dict
 from tepo_ray.trainer.learner import Learner, LearnerMetric
 from tepo_ray.trainer.scorer import EntropyScorer
 
