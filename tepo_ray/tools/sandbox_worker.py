@@ -661,7 +661,12 @@ class _Server:
             _setns(self._pidns_fd, CLONE_NEWPID)
             raise
         if pid != 0:  # back to our own namespace for children, so the next call can unshare a fresh one
-            _setns(self._pidns_fd, CLONE_NEWPID)
+            try:
+                _setns(self._pidns_fd, CLONE_NEWPID)
+            except OSError:
+                os.kill(pid, signal.SIGKILL)  # never run a snippet we could not account for
+                os.waitpid(pid, 0)
+                raise
         return pid
 
     def _check_interpreter_readable(self) -> None:
@@ -760,7 +765,15 @@ class _Server:
                       file=sys.stderr)
                 self.memory_cap, self._cg_parent = "rlimit", None
         t0 = time.monotonic()
-        pid = self._fork_snippet()
+        try:
+            pid = self._fork_snippet()
+        except OSError:  # e.g. EAGAIN / ENOSPC (pid or namespace limits): nothing started, leave nothing behind
+            for fd in (out_r, out_w, err_r, err_w, st_r, st_w):
+                os.close(fd)
+            shutil.rmtree(workdir, ignore_errors=True)
+            if cgroup is not None:
+                cgroup.remove()
+            raise
         if pid == 0:  # ----------------------------------------------------------- child, never returns
             try:
                 _child_main(self, code, workdir, out_w, err_w, st_w, cgroup=cgroup)

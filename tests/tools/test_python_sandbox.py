@@ -4,6 +4,7 @@ dir, work dir removed). Everything here runs real processes; nothing is mocked."
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -610,3 +611,41 @@ def test_host_process_unaffected_after_abuse(sb):
     assert sb.run("print(sum(range(10)))").stdout == "45\n"
     _assert_clean(sb)
     assert Path(sys.executable).exists() and subprocess.run([sys.executable, "-c", "pass"]).returncode == 0
+
+
+_FORK_FAILS = """
+import errno, json, os, sys, tempfile
+from tepo_ray.tools import sandbox_worker as w
+root = tempfile.mkdtemp()
+os.chmod(root, 0o711)
+cfg = {"work_root": root, "lock_dir": os.path.join(tempfile.gettempdir(), "tepo_sandbox_uids"), "uid_base": 61000,
+       "uid_count": 2000, "network_mode": "none", "cpu_time_s": 5, "memory_mb": 256, "max_processes": 16,
+       "max_file_mb": 16, "max_open_files": 64, "keep_bytes": 4000, "kill_bytes": 1 << 20, "tmpfs_mb": 16,
+       "preload": [], "total_memory_mb": 256, "protected_pids": []}
+server = w._Server(cfg)
+null = os.open(os.devnull, os.O_WRONLY)
+fds = sorted(os.listdir("/proc/self/fd"))
+real_fork = os.fork
+def no_fork():
+    raise OSError(errno.EAGAIN, "fork refused (injected)")
+os.fork = no_fork
+try:
+    server.run(b"print(1)", 5.0, null)
+    raised = False
+except OSError:
+    raised = True
+os.fork = real_fork
+out = {"raised": raised, "fds_kept": sorted(os.listdir("/proc/self/fd")) == fds, "left": os.listdir(root)}
+res = server.run(b"print(1)", 5.0, null)
+out["after"] = res["exit_code"]
+print(json.dumps(out))
+"""
+
+
+@needs_root
+def test_a_refused_fork_leaves_no_fd_dir_or_cgroup_behind():
+    """The fork server survives fork() failing (pid or namespace limits): nothing leaks, the next call runs."""
+    res = subprocess.run([sys.executable, "-c", _FORK_FAILS], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.splitlines()[-1]) == {"raised": True, "fds_kept": True, "left": [], "after": 0}
