@@ -120,7 +120,8 @@ def test_unprivileged_host():
         shutil.rmtree(stage, ignore_errors=True)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     info = out["info"]
-    assert (info["drop_privileges"], info["mount_isolation"], info["uid"]) == (False, False, None)
+    assert (info["drop_privileges"], info["mount_isolation"], info["uid"], info["pid_namespace"]) == (False, False, None,
+                                                                                         False)
     assert info["network"] == "seccomp" and info["seccomp"]  # auto: no namespace without root here
     assert out["uid"] == f"{NOBODY}\n"
     assert out["net"].startswith("blocked 1"), out["net"]  # EPERM from the filter
