@@ -6,7 +6,7 @@
     PYTHONPATH=$PWD python -m experiments.reliability_report --from-json runs/reliability.json runs/rel_slow.json
 
 Runs pytest on tests/reliability with a small results plugin (outcome, duration and the first line of
-each test's docstring or failure), writes the raw results as JSON, then renders the markdown table,
+each test's docstring paragraph or failure), writes the raw results as JSON, then renders the markdown table,
 grouped by test file, with the command, the machine and the date.
 """
 
@@ -60,9 +60,10 @@ class ResultsPlugin:
 
     def pytest_collection_modifyitems(self, items: list[Any]) -> None:
         for item in items:
-            doc = (getattr(item, "obj", None).__doc__ or "").strip().splitlines()
+            # The docstring's first paragraph, on one line.
+            doc = " ".join((getattr(item, "obj", None).__doc__ or "").strip().split("\n\n")[0].split())
             self.results.setdefault(item.nodeid, {"nodeid": item.nodeid, "outcome": "not run", "duration_s": 0.0,
-                                                  "detail": ""})["doc"] = doc[0] if doc else ""
+                                                  "detail": ""})["doc"] = doc
 
 
 def run_tests(*, slow: bool, extra: list[str]) -> dict[str, Any]:

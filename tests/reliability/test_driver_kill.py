@@ -80,6 +80,8 @@ def _resume_to_the_end(run_dir: Path, cfg_file: Path, env: dict[str, str], wandb
 
 @pytest.mark.timeout(1800)
 def test_driver_sigkill_then_resume_continues_from_the_last_checkpoint(rel_cache: Path, tmp_path: Path) -> None:
+    """SIGKILL the driver's session after step 3 of 6, then `tepo-ray train --resume`: steps 1-6 logged exactly
+    once, the same W&B run id, every checkpoint on disk complete before and after."""
     from tepo_ray.trainer.checkpoint import checkpoint_problem, list_checkpoints, load_latest
 
     run_dir, cfg_file, env = _six_step_run(rel_cache, tmp_path)
@@ -119,6 +121,9 @@ train(load_config([sys.argv[1]]), learner_cls=StallingCheckpointLearnerWorker,
 
 @pytest.mark.timeout(1800)
 def test_driver_sigkill_inside_a_checkpoint_write_then_resume(rel_cache: Path, tmp_path: Path) -> None:
+    """SIGKILL the driver's session while the learner is half way through writing checkpoint 3 (its temporary
+    directory on disk): only steps 1-2 are listed, `latest` loads step 2, `--resume` redoes step 3 once,
+    finishes at 6 and clears the half-written directory."""
     from tepo_ray.trainer.checkpoint import checkpoint_problem, list_checkpoints, load_latest
 
     run_dir, cfg_file, env = _six_step_run(rel_cache, tmp_path)
