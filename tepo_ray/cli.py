@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import sys
 import tempfile
@@ -397,8 +398,12 @@ def resolve_job_paths(cfg: Any, *, base: Path) -> list[tuple[str, Optional[str],
 
 def _submit_hint(exc: Exception, address: str) -> str:
     """One line saying what to change after a refused submission (auth, address)."""
-    text = str(exc).lower()
-    if any(k in text for k in ("401", "403", "unauthorized", "unauthenticated", "auth", "token")):
+    from ray.exceptions import AuthenticationError
+
+    # The address itself is left out of the match: a port such as 58401 is not an HTTP 401.
+    text = str(exc).replace(address, " ").lower()
+    if isinstance(exc, AuthenticationError) or re.search(
+            r"\b(401|403|unauthori[sz]ed|unauthenticated|authentication|auth token|ray_auth_\w+)\b", text):
         return ("the cluster uses token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the head's "
                 "token> (or copy its ~/.ray/auth_token), as for `ray job submit`")
     return (f"--address {address} is not a reachable Ray dashboard: pass the head's dashboard URL, "

@@ -249,3 +249,7 @@ def test_submit_hint_names_the_token_settings_on_an_auth_refusal():
     hint = _submit_hint(RuntimeError("Request failed with status code 401: Unauthorized"), "http://h:8265")
     assert "RAY_AUTH_MODE=token" in hint and "RAY_AUTH_TOKEN" in hint
     assert "--address" in _submit_hint(ConnectionError("Failed to connect to Ray at address: http://h:1"), "x")
+    # A port that contains 401/403 is an address problem, not an auth refusal (this once picked the wrong hint).
+    for address in ("http://127.0.0.1:58401", "http://10.0.0.1:14030"):
+        hint = _submit_hint(ConnectionError(f"Failed to connect to Ray at address: {address}."), address)
+        assert "--address http://HEAD:8265" in hint and "RAY_AUTH" not in hint, (address, hint)
