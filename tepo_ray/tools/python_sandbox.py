@@ -29,9 +29,9 @@ Isolation levels (`PythonSandbox.ready()` reports what a machine got):
 * root host (CI, containers; the measured setup of DESIGN.md section 5): everything above; the snippet runs as
   a uid from `uid_base..uid_base+uid_count-1` that no one else uses, cannot signal or ptrace the host, cannot
   read /proc/<host>/environ, cannot write anything that outlives the call. Each call also gets its own PID
-  namespace (`pid_namespace`, where the kernel allows it): the snippet is pid 1 there, /proc lists only its
-  own processes, it cannot name any other process, and everything it started dies with it. It can still read
-  world-readable files. (As pid 1 it ignores signals it sends itself without installing a handler.)
+  namespace (`pid_namespace`, where the kernel allows it): pid 1 there is a reaper and the snippet pid 2,
+  /proc lists only the call's processes, it cannot name any other process, everything it started dies with
+  it, and signals keep their usual meaning. It can still read world-readable files.
 * non-root host: no uid drop and no namespaces. `auto` picks the seccomp network filter, which also refuses
   kill()/tkill()/tgkill()/pidfd_open() aimed at the host, the fork server or -1, and ptrace/process_vm_*;
   RLIMIT_NPROC is set to the user's current process count + max_processes; cleanup kills the fork server's

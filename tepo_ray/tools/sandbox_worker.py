@@ -619,20 +619,25 @@ class _Server:
         return ok
 
     def _probe_pid_namespace(self) -> bool:
-        """Can each snippet get its own PID namespace (it is pid 1 there and /proc shows only its processes)?"""
+        """Can each call get its own PID namespace, with a /proc that shows only that namespace?"""
         try:
             self._pidns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             print(f"tepo sandbox: no PID namespace ({exc})", file=sys.stderr)
             return False
+        ok = self._pid_namespace_works()
+        if not ok:
+            os.close(self._pidns_fd)
+            self._pidns_fd = None
+        return ok
+
+    def _pid_namespace_works(self) -> bool:
         probe = tempfile.mkdtemp(prefix="probe_", dir=self.work_root)
         try:
             try:
                 pid = self._fork_snippet()
             except OSError as exc:
                 print(f"tepo sandbox: no PID namespace ({exc})", file=sys.stderr)
-                os.close(self._pidns_fd)
-                self._pidns_fd = None
                 return False
             if pid == 0:
                 try:
@@ -642,16 +647,12 @@ class _Server:
                 except BaseException as exc:  # noqa: BLE001
                     print(f"tepo sandbox: no PID namespace ({exc})", file=sys.stderr)
                     os._exit(1)
-            ok = os.waitpid(pid, 0)[1] == 0
+            return os.waitpid(pid, 0)[1] == 0
         finally:
             shutil.rmtree(probe, ignore_errors=True)
-        if not ok:
-            os.close(self._pidns_fd)
-            self._pidns_fd = None
-        return ok
 
     def _fork_snippet(self) -> int:
-        """fork(); with a PID namespace the child is pid 1 of a new one (and its processes die with it)."""
+        """fork(); with a PID namespace the child is pid 1 of a new one (everything in it dies with it)."""
         if self._pidns_fd is None:
             return os.fork()
         _unshare(CLONE_NEWPID)  # applies to the children this process creates next, not to itself

@@ -9,6 +9,7 @@ import os
 import pytest
 
 from tepo_ray.tools.python_sandbox import PythonSandbox, SandboxErrorKind
+from tepo_ray.tools.sandbox_worker import _uid_processes
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="PID namespaces need root (CAP_SYS_ADMIN)")
 
@@ -73,14 +74,7 @@ def test_everything_a_snippet_started_dies_with_it():
             pytest.skip("no PID namespace here")
         res = sandbox.run(code)
         assert res.error is None and res.stdout == "started\n", res
-        uid = str(info["uid"])
-        left = []
-        for entry in os.listdir("/proc"):
-            try:
-                if entry.isdigit() and open(f"/proc/{entry}/status").read().split("Uid:")[1].split()[0] == uid:
-                    left.append(entry)
-            except (OSError, IndexError):
-                pass
+        left = _uid_processes(info["uid"])  # zombies included
         assert left == [], f"processes of the sandbox uid survived the call: {left}"
 
 
