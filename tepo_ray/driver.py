@@ -678,10 +678,10 @@ class Driver:
                 continue
             del self.recovering[(role, index)]
             if self.collective:
-                if self.recovering:  # another receiver is still restarting: form the group once for all
-                    print(f"[tepo-ray] {role}-{index} is back")
-                    continue
-                self._reform_and_resend()  # the restarted actor is a new process: every member joins again
+                # The restarted actor is a new process: every member joins the group again -- once all
+                # restarting receivers are back, not once per receiver.
+                if not self.recovering:
+                    self._reform_and_resend()
             elif role == "generator":
                 self._resend_weights(self.generators[index])
             print(f"[tepo-ray] {role}-{index} is back")

@@ -101,8 +101,8 @@ def iter_full_state(model: torch.nn.Module, *, dtype: torch.dtype | None = None,
             continue
         src = t.detach()
         full = src.full_tensor() if hasattr(src, "full_tensor") else src
-        if dtype is not None and full.is_floating_point() and full.dtype != dtype:
-            full = full.to(dtype)
+        if full.dtype != (target := _meta_dtype(full, dtype)):  # the rule param_metadata reports
+            full = full.to(target)
         if device is not None:
             full = full.to(device)
         if tied == "copy" and (alias or full.data_ptr() == _local(src).data_ptr()):
